@@ -1,0 +1,152 @@
+"""The ``mixerzoo`` command: list, params, synth, bench, demo.
+
+Thin by design: parse → call the library → print / write files. Nothing imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*map(str, r)) for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .registry import get_mixer_spec, list_mixers
+
+    rows = []
+    for name in list_mixers():
+        spec = get_mixer_spec(name)
+        opts = ", ".join(f"{k}={v}" for k, v in spec.options.items())
+        rows.append([name, spec.class_path, opts or "-", spec.summary])
+    print(_table(rows, ["mixer", "class", "options", "summary"]))
+    return 0
+
+
+def _mixer_list(value: str) -> list[str]:
+    from .registry import list_mixers
+
+    return list_mixers() if value == "all" else [m.strip() for m in value.split(",") if m.strip()]
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from .models.build import param_rows, param_target
+
+    kwargs = {"vocab_size": args.vocab_size}
+    rows = param_rows(args.size, _mixer_list(args.mixers), **kwargs)
+    target = param_target(args.size)
+    print(f"size {args.size}: non-embedding target {target:,} (softmax, SwiGLU 8/3·d)")
+    print(_table(
+        [[r["mixer"], f"{r['params']:,}", f"{100 * r['deviation']:+.2f}%", r["mlp_hidden"],
+          f"{r['state_2k']:,}", f"{r['state_16k']:,}"] for r in rows],
+        ["mixer", "non-emb params", "deviation", "mlp width", "state @2K", "state @16K"],
+    ))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"size": args.size, "target": target, "rows": rows}, indent=2))
+        print(f"wrote {args.json}")
+    worst = max(abs(r["deviation"]) for r in rows)
+    return 0 if worst <= 0.01 else 1
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .evals.synthetic import format_table, preset, run_synthetic
+
+    overrides = {k: v for k, v in {
+        "mixers": tuple(_mixer_list(args.mixers)) if args.mixers else None,
+        "device": args.device,
+        "out_dir": args.out,
+        "max_steps": args.steps,
+        "seeds": tuple(range(args.seeds)) if args.seeds else None,
+    }.items() if v is not None}
+    config = preset(args.preset, task=args.task, **overrides)
+    results = run_synthetic(config)
+    print(format_table(results))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .evals.synthetic import format_table, preset, run_synthetic
+
+    config = preset("demo", task="mqar", out_dir=args.out, device=args.device)
+    results = run_synthetic(config)
+    print(format_table(results))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import KernelBenchConfig, format_bench_table, run_kernel_bench
+
+    kwargs = {"out_dir": args.out, "dtype": args.dtype}
+    if args.seq_lens:
+        kwargs["seq_lens"] = [int(t) for t in args.seq_lens.split(",")]
+    if args.kernels:
+        kwargs["kernels"] = [k.strip() for k in args.kernels.split(",")]
+    if args.tokens:
+        kwargs["tokens"] = args.tokens
+    result = run_kernel_bench(KernelBenchConfig(**kwargs))
+    for key in ("fwd_ms", "fwd_bwd_ms"):
+        print(f"\n{key} (median, {result['device']}):")
+        print(format_bench_table(result, key))
+    print(f"\nwrote {args.out}/kernels.json and {args.out}/kernels.png")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mixerzoo", description="A zoo of sequence mixers behind one model API.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("list", help="the registry of mixers")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("params", help="parameter table of every mixer at a size")
+    s.add_argument("--size", default="125m")
+    s.add_argument("--mixers", default="all", help="comma-separated names, or 'all'")
+    s.add_argument("--vocab-size", type=int, default=None)
+    s.add_argument("--json", default=None, help="also write the table as JSON here")
+    s.set_defaults(func=cmd_params)
+
+    s = sub.add_parser("synth", help="train and evaluate mixers on a synthetic recall task")
+    s.add_argument("task", choices=["mqar", "selective_copy"])
+    s.add_argument("--mixers", default="all", help="comma-separated names, or 'all'")
+    s.add_argument("--preset", default="quick", choices=["demo", "quick", "full"])
+    s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    s.add_argument("--out", default=None, help="results folder (JSON, CSV, PNG)")
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--seeds", type=int, default=None, help="number of seeds")
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("bench", help="kernel speed and memory vs sequence length (needs a GPU)")
+    s.add_argument("what", choices=["kernels"])
+    s.add_argument("--seq-lens", default=None, help="comma-separated T values (default 2K..64K)")
+    s.add_argument("--kernels", default=None, help="comma-separated subset of the kernels")
+    s.add_argument("--tokens", type=int, default=None, help="tokens per call (default 65536)")
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    s.add_argument("--out", default="results/bench")
+    s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("demo", help="all six mixers on MQAR at a matched tiny size (CPU, minutes)")
+    s.add_argument("--out", default="results/demo")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"mixerzoo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

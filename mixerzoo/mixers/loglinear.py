@@ -1,0 +1,134 @@
+"""Log-linear Mamba-2: the Mamba-2 block with SSD replaced by log-linear attention.
+
+The sequence op is ``log_linear_attn(q=C, k=B, v=x·dt, g=A·dt, λ)`` plus the ``D·x`` skip;
+everything else (in_proj, short conv, gated RMSNorm, out_proj, initialisation) is
+:class:`~mixerzoo.mixers.mamba2.Mamba2`'s. λ weighs the Fenwick levels of the past per head
+(and, except in ``fixed`` mode, per token):
+
+- ``fixed``: ``λ[h, ℓ] = softplus(θ[h, ℓ])``, θ initialised to softplus⁻¹(1); passed to the op
+  as a ``[1, 1, H, L]`` broadcast, never materialised.
+- ``linear`` (Guo et al. 2025): ``λ = softplus(L[h, ℓ] · dl_t[h, ℓ])`` with ``dl`` an extra
+  ``H · L`` slice of in_proj and ``L`` initialised to ones. This mode does *not* start at
+  λ ≡ 1: ``softplus(dl)`` with a random in_proj slice, as in the original.
+- ``mlp``: ``λ = softplus(W2 · act(W1 u_t + b1) + b2)`` on the block input ``u_t``, with
+  ``W2 = 0`` and ``b2 = softplus⁻¹(1)`` at init, so the block starts as Mamba-2 exactly.
+- ``mlp_softmax`` (ablation): ``λ = L · softmax_ℓ(same MLP output)``. At init the logits are
+  equal, the softmax is ``1/L`` per level and the factor ``L`` makes λ ≡ 1 again.
+
+λ has ``max_levels`` levels; longer sequences reuse the top level's λ (the op does that).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from mixerzoo.mixers.mamba2 import Mamba2
+from mixerzoo.ops.loglinear import log_linear_attn, log_linear_step, resolve_backend
+
+LAMBDA_MODES = ("fixed", "linear", "mlp", "mlp_softmax")
+LAMBDA_ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh}
+SOFTPLUS_INV_ONE = math.log(math.e - 1.0)  # softplus(x) = 1
+
+
+class LogLinearMamba2(Mamba2):
+    """Mamba-2 block whose sequence op is log-linear attention with a learned λ.
+
+    Takes every :class:`Mamba2` option plus ``lambda_mode``, ``lambda_hidden`` (MLP width),
+    ``max_levels`` (λ table size L) and ``lambda_act`` (MLP activation). Backends:
+    ``"auto"``, ``"triton"``, ``"torch"``, ``"naive"``, forwarded to ``log_linear_attn``.
+    Decoding state: the conv state and a ``LogLinearState`` (None before the first token).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        layer_idx: int = 0,
+        lambda_mode: str = "mlp",
+        lambda_hidden: int = 64,
+        max_levels: int = 15,
+        lambda_act: str = "silu",
+        **mamba2_options: Any,
+    ):
+        if lambda_mode not in LAMBDA_MODES:
+            raise ValueError(f"lambda_mode={lambda_mode!r} is not one of {LAMBDA_MODES}")
+        if not isinstance(max_levels, int) or max_levels < 1:
+            raise ValueError(f"max_levels must be a positive integer, got {max_levels!r}")
+        if not isinstance(lambda_hidden, int) or lambda_hidden < 1:
+            raise ValueError(f"lambda_hidden must be a positive integer, got {lambda_hidden!r}")
+        if lambda_act not in LAMBDA_ACTS:
+            raise ValueError(f"lambda_act={lambda_act!r} is not one of {sorted(LAMBDA_ACTS)}")
+        super().__init__(d_model, layer_idx=layer_idx, **mamba2_options)
+        self.lambda_mode = lambda_mode
+        self.max_levels = max_levels
+        self.lambda_hidden = lambda_hidden
+        self.lambda_act = lambda_act
+        H, L = self.nheads, max_levels
+        if lambda_mode == "fixed":
+            self.lambda_theta = nn.Parameter(torch.full((H, L), SOFTPLUS_INV_ONE))
+            lambda_params = [self.lambda_theta]
+        elif lambda_mode == "linear":
+            self._widen_in_proj(H * L)
+            self.lambda_L = nn.Parameter(torch.ones(H, L))
+            lambda_params = [self.lambda_L]
+        else:
+            self.lambda_fc1 = nn.Linear(d_model, lambda_hidden)
+            self.lambda_fc2 = nn.Linear(lambda_hidden, H * L)
+            with torch.no_grad():
+                self.lambda_fc2.weight.zero_()
+                self.lambda_fc2.bias.fill_(SOFTPLUS_INV_ONE)
+            lambda_params = [self.lambda_fc2.weight, self.lambda_fc2.bias]
+        # λ is a gate like A_log / D / dt_bias: decaying it towards 0 would silence levels.
+        for p in lambda_params:
+            p._no_weight_decay = True
+
+    def _lambda(self, u: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        """λ from the block input u ``[..., d_model]`` and the in_proj extra ``[..., H·L]``.
+
+        Returns ``[..., H, L]`` in fp32, or ``[1, ..., H, L]``-style broadcast (all leading dims
+        1) for ``fixed``.
+        """
+        H, L = self.nheads, self.max_levels
+        if self.lambda_mode == "fixed":
+            lam = F.softplus(self.lambda_theta.float())
+            return lam.reshape((1,) * (u.dim() - 1) + (H, L))
+        if self.lambda_mode == "linear":
+            dl = rearrange(extra.float(), "... (h l) -> ... h l", l=L)
+            return F.softplus(self.lambda_L.float() * dl)
+        hidden = LAMBDA_ACTS[self.lambda_act](self.lambda_fc1(u))
+        logits = rearrange(self.lambda_fc2(hidden).float(), "... (h l) -> ... h l", l=L)
+        if self.lambda_mode == "mlp":
+            return F.softplus(logits)
+        return L * torch.softmax(logits, dim=-1)
+
+    def _sequence(self, u, x, dt, A, B, C, extra, state, want_state):
+        lam = self._lambda(u, extra)
+        # q, k, v share one dtype in the op; x·dt is formed in fp32 and then cast to x's.
+        v = (x.float() * dt[..., None]).to(x.dtype)
+        # The op owns the choice; resolve_backend states it with the op's own rule.
+        name = resolve_backend(self.backend, x.device, dtype=x.dtype, stateful=state is not None or want_state)
+        o, final = log_linear_attn(
+            C, B, v, A * dt, lam, scale=1.0, initial_state=state,
+            output_final_state=want_state, backend=name,
+        )
+        self._ran(name)
+        return o + x * self.D[:, None].to(x.dtype), final
+
+    def _sequence_step(self, u_t, x_t, dt_t, A, B_t, C_t, extra_t, state):
+        lam = self._lambda(u_t, extra_t)  # [B, H, L], or [1, H, L] for fixed
+        v = (x_t.float() * dt_t[..., None]).to(x_t.dtype)
+        o, state = log_linear_step(C_t, B_t, v, A * dt_t, lam, state, scale=1.0)
+        return o + x_t * self.D[:, None].to(x_t.dtype), state
+
+    def _init_seq_state(self, batch: int, device) -> Any:
+        return None  # log_linear_attn / log_linear_step start from an empty state
+
+    def _seq_state_size(self, seq_len: int) -> int:
+        # A state after T tokens holds bit_length(T) level states (one per bit of T).
+        return int(seq_len).bit_length() * self.nheads * self.head_dim * self.d_state

@@ -1,0 +1,43 @@
+"""Loading saved models with errors that say what is wrong, never a half-random model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class CheckpointError(RuntimeError):
+    """A saved model cannot be loaded as it is; the message says which file and why."""
+
+
+def load_model(path: str | Path, **kwargs: Any):
+    """``MixerZooForCausalLM.from_pretrained(path)`` that refuses corrupt or partial checkpoints.
+
+    transformers fills weights missing from a checkpoint with fresh random ones and only logs a
+    warning; here any missing or unexpected key is an error.
+    """
+    from .hf import MixerZooForCausalLM
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; pass the folder written by save_pretrained")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"{path}: no config.json; is this a save_pretrained folder?")
+    try:
+        json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg}: not valid JSON ({e}); the checkpoint is corrupt") from e
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise CheckpointError(f"{path}: no weight files (*.safetensors); the save did not finish")
+    try:
+        model, info = MixerZooForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors / json / shape errors all mean the same to the user
+        raise CheckpointError(f"{path}: cannot load the checkpoint ({type(e).__name__}: {e})") from e
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise CheckpointError(f"{path}: checkpoint does not match its config: {bad}")
+    return model

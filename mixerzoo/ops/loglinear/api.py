@@ -1,0 +1,102 @@
+"""The public entry point: validate, pick a backend, run it."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .chunked import chunked_log_linear_attn
+from .naive import naive_log_linear_attn
+from .state import LogLinearState, check_inputs
+
+__all__ = ["BACKENDS", "log_linear_attn", "resolve_backend"]
+
+BACKENDS = ("auto", "torch", "naive", "triton")
+
+
+def triton_available(device: torch.device) -> bool:
+    """True where the Triton kernels can run: a CUDA device, or any device under the
+    interpreter (TRITON_INTERPRET=1, used by the CPU tests)."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(
+    backend: str, device: torch.device, *, dtype: torch.dtype | None = None, stateful: bool = False
+) -> str:
+    """The backend ``log_linear_attn`` runs for this request (one rule, used by the mixers too).
+
+    ``"auto"`` is the Triton kernel on CUDA and the chunked torch code elsewhere; calls the
+    kernel does not take yet (recurrent states, fp64) go to torch, which computes the same
+    function. An explicit backend is returned as is, or refused with the reason.
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    unsupported = None
+    if stateful:
+        unsupported = "recurrent states (initial_state / output_final_state)"
+    elif dtype == torch.float64:
+        unsupported = "fp64 inputs"
+    if backend == "auto":
+        if device.type == "cuda" and triton_available(device) and unsupported is None:
+            return "triton"
+        return "torch"
+    if backend == "triton" and unsupported is not None:
+        raise NotImplementedError(
+            f"the Triton backend does not take {unsupported} yet; use backend='torch' or 'auto'"
+        )
+    return backend
+
+
+def log_linear_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    lam: torch.Tensor,
+    scale: float = 1.0,
+    initial_state: LogLinearState | None = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, LogLinearState | None]:
+    """Log-linear attention (see ``naive.py`` for the definition).
+
+    Args:
+        q, k: ``[B, T, G, K]``, ``G`` dividing ``H``: value head ``h`` uses q/k group
+            ``h // (H // G)`` (as Mamba-2's ``ngroups``).
+        v: ``[B, T, H, V]``.
+        g: ``[B, T, H]`` log-decay (<= 0), fp32 preferred.
+        lam: ``[B, T, H, L]`` or broadcastable to it (e.g. ``[1, 1, H, L]``); levels above
+            ``L − 1`` reuse level ``L − 1``.
+        scale: multiplies every ``q · k``.
+        initial_state: a :class:`LogLinearState` from an earlier call, or None.
+        output_final_state: return the state after these tokens too.
+        backend: ``"auto"``, ``"torch"`` (chunked, O(T log T)), ``"naive"`` (O(T²)) or
+            ``"triton"``.
+
+    Returns:
+        ``(o, state)``: o ``[B, T, H, V]`` in v's dtype (fp32 accumulation, fp64 for fp64
+        inputs); state a :class:`LogLinearState` when ``output_final_state`` else None.
+    """
+    check_inputs(q, k, v, g, lam, scale, initial_state)
+    stateful = initial_state is not None or output_final_state
+    name = resolve_backend(backend, q.device, dtype=q.dtype, stateful=stateful)
+    args = (q, k, v, g, lam, scale, initial_state, output_final_state)
+    if name == "torch":
+        return chunked_log_linear_attn(*args)
+    if name == "naive":
+        return naive_log_linear_attn(*args)
+    if not triton_available(q.device):
+        raise RuntimeError(
+            f"the Triton backend needs a CUDA device (inputs are on {q.device}) and triton "
+            "installed; use backend='torch'"
+        )
+    from .triton_ops import triton_log_linear_attn
+
+    return triton_log_linear_attn(q, k, v, g, lam, scale), None

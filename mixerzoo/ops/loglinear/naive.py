@@ -1,0 +1,98 @@
+"""Log-linear attention, O(T^2): the ground truth every other backend is tested against.
+
+Read this file to know what the op computes. For 0-based absolute positions and per head::
+
+    o_t = Σ_{s<=t} λ[t, ℓ(t,s)] · exp(G_t − G_s) · scale · (q_t · k_s) · v_s
+    ℓ(t,t) = 0,  ℓ(t,s) = bit_length(t XOR s),  G = cumsum(g)
+
+with the level index clamped to ``L − 1`` (the top λ level serves all levels above it).
+A continuation from a :class:`LogLinearState` at offset ``a`` adds, for each bucket ``j``,
+``λ[t, max(j+1, bit_length(t XOR a))] · exp(G_t − G_{a−1}) · scale · q_tᵀ S_j``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from .state import LogLinearState, bit_length, check_inputs, compute_dtype, lam_as_4d
+
+__all__ = ["naive_log_linear_attn"]
+
+
+def naive_log_linear_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    lam: torch.Tensor,
+    scale: float = 1.0,
+    initial_state: LogLinearState | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, LogLinearState | None]:
+    """Log-linear attention from the full ``T × T`` weight matrix.
+
+    Args:
+        q, k: ``[B, T, G, K]``, ``G`` dividing ``H`` (value head ``h`` uses group ``h // (H // G)``).
+        v: ``[B, T, H, V]``.
+        g: ``[B, T, H]`` log-decay (<= 0).
+        lam: ``[B, T, H, L]`` or broadcastable to it.
+        scale: multiplies every ``q · k``.
+        initial_state: state after the first ``offset`` tokens, or None (offset 0).
+        output_final_state: also return the state after these tokens.
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, state or None)``; computed in fp32 (fp64 for fp64 inputs).
+    """
+    B, T, G, H, K, V, L = check_inputs(q, k, v, g, lam, scale, initial_state)
+    dtype, device = compute_dtype(q.dtype), q.device
+    R = H // G
+    # Expand the shared q/k groups to the value heads: the reference favours plainness.
+    qh = q.to(dtype).repeat_interleave(R, dim=2)  # [B, T, H, K]
+    kh = k.to(dtype).repeat_interleave(R, dim=2)
+    vf = v.to(dtype)
+    lamf = lam_as_4d(lam).to(dtype).expand(B, T, H, L)
+    Gc = rearrange(torch.cumsum(g.to(dtype), dim=1), "b t h -> b h t")  # G_t − G_{a−1}
+
+    a = 0 if initial_state is None else int(initial_state.offset)
+    pos = a + torch.arange(T, device=device)
+    causal = pos[:, None] >= pos[None, :]  # [T, S]
+    level = bit_length(pos[:, None] ^ pos[None, :]).clamp(max=L - 1)  # [T, S], 0 on the diagonal
+
+    # lam_ts[b, h, t, s] = λ[b, t, h, level[t, s]]
+    lam_ts = torch.gather(lamf, 3, level[None, :, None, :].expand(B, T, H, T))
+    lam_ts = rearrange(lam_ts, "b t h s -> b h t s")
+    # -inf above the diagonal before exp, so that no exp(positive) overflows into 0 * inf.
+    decay = torch.exp((Gc[..., :, None] - Gc[..., None, :]).masked_fill(~causal, float("-inf")))
+    scores = torch.einsum("bthk,bshk->bhts", qh, kh)
+    o = torch.einsum("bhts,bshv->bthv", lam_ts * decay * scores, vf)
+
+    levels_in = None
+    if initial_state is not None and initial_state.levels.shape[2] > 0:
+        levels_in = initial_state.levels.to(dtype)  # [B, H, n, K, V]
+        n = levels_in.shape[2]
+        j = torch.arange(n, device=device)
+        # Bucket j of the state meets query t at level max(j + 1, bit_length(t XOR a)).
+        lvl_state = torch.maximum(j[None, :] + 1, bit_length(pos ^ a)[:, None]).clamp(max=L - 1)
+        lam_tj = torch.gather(lamf, 3, lvl_state[None, :, None, :].expand(B, T, H, n))
+        qS = torch.einsum("bthk,bhjkv->bthjv", qh, levels_in)
+        o = o + torch.einsum("bthj,bht,bthjv->bthv", lam_tj, torch.exp(Gc), qS)
+    o = (scale * o).to(v.dtype)
+
+    if not output_final_state:
+        return o, None
+    e = a + T
+    n_in = 0 if initial_state is None else initial_state.levels.shape[2]
+    n_out = max(e.bit_length(), n_in)
+    # New key s goes to bucket bit_length(e XOR s) − 1, decayed to e − 1.
+    bucket = F.one_hot(bit_length(pos ^ e) - 1, n_out).to(dtype)  # [T, n_out]
+    w = torch.exp(Gc[..., -1:] - Gc)  # [B, H, T]
+    levels = torch.einsum("tj,bht,bthk,bthv->bhjkv", bucket, w, kh, vf)
+    if levels_in is not None:
+        # Dyadic intervals nest: bucket j of a lies inside bucket max(j, bit_length(e XOR a) − 1) of e.
+        target = torch.clamp(torch.arange(n_in, device=device), min=(e ^ a).bit_length() - 1)
+        merge = F.one_hot(target, n_out).to(dtype)  # [n_in, n_out]
+        carried = torch.einsum("jm,bhjkv->bhmkv", merge, levels_in)
+        levels = levels + torch.exp(Gc[..., -1])[..., None, None, None] * carried
+    return o, LogLinearState(levels, e)

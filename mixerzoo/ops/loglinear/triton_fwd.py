@@ -1,0 +1,137 @@
+"""Triton forward of log-linear attention: chunk states, a tree of them, and the output.
+
+Layout (all contiguous): q, k ``[B, T, G, K]``; v ``[B, T, H, V]``; g ``[B, T, H]`` fp32;
+λ ``[B, T, H, L]`` read through its strides, so a broadcast λ (stride 0) is never copied.
+
+With chunk size C, chunk c's keys meet query chunk c' > c at level
+``log2(C) + bit_length(c ⊕ c')``. For a query chunk and each set bit h of its index, the keys
+of that level form the aligned block of 2^h chunks just before the chunk's block at height h:
+a node of a binary tree over chunks. So the forward is three fully parallel steps:
+
+1. ``_chunk_state``: per chunk, ``S_c = Σ_s exp(G_end − G_s) k_s v_sᵀ`` (K×V, fp32) and its
+   total log-decay.
+2. ``_tree_up``: height by height, ``node = exp(total_right)·S_left + S_right``.
+3. ``_output``: the intra-chunk block with the in-chunk level table, plus one ``q·S_node``
+   product per set bit of the chunk index.
+
+Every launch has (chunks × B·H) programs, whatever the batch size. Decays are accumulated
+from node totals (never as a difference of a global cumsum), so long sequences keep fp32
+precision.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chunk_state(
+    k, v, g, nodes, totals,
+    T, NT, NNODES,
+    H: tl.constexpr, HG: tl.constexpr, G: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = i_bh // H, i_bh % H
+    rows = i_t * C + tl.arange(0, C)
+    rmask = rows < T
+    ck = tl.arange(0, K)
+    cv = i_v * BV + tl.arange(0, BV)
+    kk = tl.load(k + ((b * T + rows[:, None]) * G + h // HG) * K + ck[None, :], mask=rmask[:, None], other=0.0)
+    vv = tl.load(v + ((b * T + rows[:, None]) * H + h) * V + cv[None, :], mask=rmask[:, None], other=0.0)
+    gg = tl.load(g + (b * T + rows) * H + h, mask=rmask, other=0.0)
+    gc = tl.cumsum(gg, 0)
+    tot = tl.sum(gg, 0)
+    kd = (kk.to(tl.float32) * tl.exp(tot - gc)[:, None]).to(kk.dtype)
+    s = tl.dot(tl.trans(kd), vv, input_precision=PREC)
+    node = i_bh * NNODES + i_t
+    tl.store(nodes + (node * K + ck[:, None]) * V + cv[None, :], s)
+    if i_v == 0:
+        tl.store(totals + node, tot)
+
+
+@triton.jit
+def _tree_up(
+    nodes, totals, off_prev, n_prev, off_cur, NNODES,
+    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+):
+    i, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ck = tl.arange(0, K)
+    cv = i_v * BV + tl.arange(0, BV)
+    base = i_bh * NNODES
+    left = base + off_prev + 2 * i
+    tile = (ck[:, None]) * V + cv[None, :]
+    s = tl.load(nodes + left * K * V + tile)
+    tot = tl.load(totals + left)
+    if 2 * i + 1 < n_prev:
+        right = left + 1
+        tr = tl.load(totals + right)
+        s = s * tl.exp(tr) + tl.load(nodes + right * K * V + tile)
+        tot += tr
+    cur = base + off_cur + i
+    tl.store(nodes + cur * K * V + tile, s)
+    if i_v == 0:
+        tl.store(totals + cur, tot)
+
+
+@triton.jit
+def _level_lambda(lrow, rmask, lev, L, sl):
+    """λ of one level for the chunk's rows, the level clamped to the table (top level reused)."""
+    return tl.load(lrow + tl.minimum(lev, L - 1) * sl, mask=rmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _intra_weights(gc, lrow, rmask, L, sl, C: tl.constexpr, LOG2C: tl.constexpr):
+    """[C, C] weights λ[t, bit_length(i ⊕ j)] · exp(G_i − G_j) on the causal part, 0 above it."""
+    ii = tl.arange(0, C)[:, None]
+    jj = tl.arange(0, C)[None, :]
+    causal = ii >= jj
+    x = ii ^ jj
+    w = tl.where(ii == jj, _level_lambda(lrow, rmask, 0, L, sl)[:, None], 0.0)
+    for lev in tl.static_range(1, LOG2C + 1):
+        w = tl.where((x >> (lev - 1)) == 1, _level_lambda(lrow, rmask, lev, L, sl)[:, None], w)
+    # mask before exp: above the diagonal G_i − G_j > 0 and could overflow to inf · 0 = nan
+    dec = tl.exp(tl.where(causal, gc[:, None] - gc[None, :], float("-inf")))
+    return tl.where(causal, w * dec, 0.0)
+
+
+@triton.jit
+def _output(
+    q, k, v, g, lam, o, nodes, totals, hoff,
+    T, NT, NNODES, NH, L, scale,
+    slb, slt, slh, sl,
+    H: tl.constexpr, HG: tl.constexpr, G: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+    LOG2C: tl.constexpr, PREC: tl.constexpr,
+):
+    i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = i_bh // H, i_bh % H
+    rows = i_t * C + tl.arange(0, C)
+    rmask = rows < T
+    ck = tl.arange(0, K)
+    cv = i_v * BV + tl.arange(0, BV)
+    qk_off = ((b * T + rows[:, None]) * G + h // HG) * K + ck[None, :]
+    qq = tl.load(q + qk_off, mask=rmask[:, None], other=0.0)
+    kk = tl.load(k + qk_off, mask=rmask[:, None], other=0.0)
+    vv = tl.load(v + ((b * T + rows[:, None]) * H + h) * V + cv[None, :], mask=rmask[:, None], other=0.0)
+    gc = tl.cumsum(tl.load(g + (b * T + rows) * H + h, mask=rmask, other=0.0), 0)
+    lrow = lam + b * slb + rows * slt + h * slh
+
+    s = tl.dot(qq, tl.trans(kk), input_precision=PREC) * scale
+    a = s * _intra_weights(gc, lrow, rmask, L, sl, C, LOG2C)
+    acc = tl.dot(a.to(vv.dtype), vv, input_precision=PREC)
+
+    # one node per set bit of the chunk index; `dec` is the log-decay from this chunk's start
+    # back to the end of the node being read (the totals of the nodes already read).
+    dec = 0.0
+    base = i_bh * NNODES
+    for hh in range(0, NH):
+        if (i_t >> hh) & 1:
+            node = base + tl.load(hoff + hh) + (i_t >> hh) - 1
+            st = tl.load(nodes + (node * K + ck[:, None]) * V + cv[None, :])
+            f = _level_lambda(lrow, rmask, LOG2C + 1 + hh, L, sl) * tl.exp(gc + dec) * scale
+            acc += f[:, None] * tl.dot(qq, st.to(qq.dtype), input_precision=PREC)
+            dec += tl.load(totals + node)
+    tl.store(o + ((b * T + rows[:, None]) * H + h) * V + cv[None, :], acc.to(o.dtype.element_ty), mask=rmask[:, None])

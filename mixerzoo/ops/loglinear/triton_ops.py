@@ -1,0 +1,188 @@
+"""Launchers for the Triton kernels and the autograd Function that ties them together."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .triton_bwd import _bwd_inter_k, _bwd_inter_q, _bwd_intra, _dstate, _dstate_combine
+from .triton_fwd import _chunk_state, _output, _tree_up
+
+CHUNK = 64  # rows per chunk: the 64×64 intra-chunk tile fills the tensor cores
+SEG = 16  # chunks per program when summing state gradients of wide nodes
+SUPPORTED_DIMS = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class TreeLayout:
+    """Where each height's nodes live in the flat node buffer.
+
+    Heights 0..NH−1 are the ones a query chunk reads (NH = ceil(log2 NT)); height h has
+    ``ceil(NT / 2^h)`` nodes starting at ``offsets[h]``.
+    """
+
+    NT: int
+    NH: int
+    sizes: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    @property
+    def n_nodes(self) -> int:
+        return self.offsets[-1] + self.sizes[-1]
+
+    @classmethod
+    def of(cls, T: int, C: int) -> "TreeLayout":
+        NT = triton.cdiv(T, C)
+        NH = (NT - 1).bit_length()
+        sizes = tuple(triton.cdiv(NT, 1 << h) for h in range(max(NH, 1)))
+        offsets = tuple(sum(sizes[:h]) for h in range(len(sizes)))
+        return cls(NT, NH, sizes, offsets)
+
+    def tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.tensor(self.offsets, dtype=torch.int32, device=device),
+                torch.tensor(self.sizes, dtype=torch.int32, device=device))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 products (tf32 would cost ~3e-4 relative error); bf16/fp16
+    # operands ignore the setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_triton_inputs(q, k, v, g, lam) -> None:
+    """Reasons the kernels cannot take these inputs, as a ValueError."""
+    K, V = q.shape[-1], v.shape[-1]
+    if K not in SUPPORTED_DIMS or V not in SUPPORTED_DIMS:
+        raise ValueError(f"the Triton backend supports K, V in {SUPPORTED_DIMS}; got K={K}, V={V}")
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"the Triton backend takes fp32/bf16/fp16 inputs, got {q.dtype}")
+    if not (q.device == k.device == v.device == g.device == lam.device):
+        raise ValueError("q, k, v, g and lam must be on the same device")
+
+
+def _lam_view(lam: torch.Tensor, B: int, T: int, H: int) -> torch.Tensor:
+    # expand() makes broadcast dimensions stride 0: the kernels read λ through its strides,
+    # so an input-independent [1, 1, H, L] table is never materialised.
+    return lam.expand(B, T, H, lam.shape[-1])
+
+
+def forward(q, k, v, g, lam, scale: float, C: int = CHUNK):
+    """o ``[B, T, H, V]`` plus the tree (node states and totals) the backward reuses."""
+    B, T, G, K = q.shape
+    H, V = v.shape[2], v.shape[3]
+    lay = TreeLayout.of(T, C)
+    lamx = _lam_view(lam, B, T, H)
+    BV = min(V, 64)
+    nodes = torch.empty(B * H, lay.n_nodes, K, V, device=q.device, dtype=torch.float32)
+    totals = torch.empty(B * H, lay.n_nodes, device=q.device, dtype=torch.float32)
+    hoff, _ = lay.tensors(q.device)
+    prec = _precision(q.dtype)
+    meta = dict(H=H, HG=H // G, G=G, K=K, V=V, C=C, BV=BV)
+    _chunk_state[(lay.NT, V // BV, B * H)](k, v, g, nodes, totals, T, lay.NT, lay.n_nodes, PREC=prec, **meta)
+    for h in range(1, lay.NH):
+        _tree_up[(lay.sizes[h], V // BV, B * H)](
+            nodes, totals, lay.offsets[h - 1], lay.sizes[h - 1], lay.offsets[h], lay.n_nodes, K=K, V=V, BV=BV
+        )
+    o = torch.empty_like(v)
+    _output[(lay.NT, V // BV, B * H)](
+        q, k, v, g, lamx, o, nodes, totals, hoff,
+        T, lay.NT, lay.n_nodes, lay.NH, lamx.shape[-1], scale, *lamx.stride(),
+        LOG2C=int(math.log2(C)), PREC=prec, **meta,
+    )
+    return o, nodes, totals
+
+
+def backward(q, k, v, g, lam, do, nodes, totals, scale: float, C: int = CHUNK, seg: int = SEG):
+    """dq, dk, dv, dg, dλ (dλ summed to λ's own, possibly broadcast, shape)."""
+    B, T, G, K = q.shape
+    H, V = v.shape[2], v.shape[3]
+    HG = H // G
+    lay = TreeLayout.of(T, C)
+    lamx = _lam_view(lam, B, T, H)
+    L = lamx.shape[-1]
+    hoff, nsizes = lay.tensors(q.device)
+    prec = _precision(q.dtype)
+    log2seg = int(math.log2(seg))
+    nseg = triton.cdiv(lay.NT, seg)
+    BV = min(V, 64)
+    dstate = torch.empty_like(nodes)
+    n_partial = max(0, lay.NH - log2seg - 1)
+    partial = torch.empty(max(n_partial, 1), B * H, nseg, K, V, device=q.device, dtype=torch.float32)
+    if lay.NH > 0:
+        _dstate[(nseg * (V // BV), lay.NH, B * H)](
+            q, do, g, lamx, dstate, partial, totals, hoff,
+            T, lay.NT, lay.n_nodes, nseg, B * H, L, scale, *lamx.stride(),
+            H=H, HG=HG, G=G, K=K, V=V, C=C, BV=BV, SEG=seg, LOG2SEG=log2seg,
+            LOG2C=int(math.log2(C)), PREC=prec,
+        )
+    for hh in range(log2seg + 1, lay.NH):
+        _dstate_combine[(lay.sizes[hh] // 2, V // BV, B * H)](
+            dstate, partial, totals, hoff, hh, lay.NT, lay.n_nodes, nseg, B * H,
+            K=K, V=V, BV=BV, LOG2SEG=log2seg,
+        )
+    f32 = dict(device=q.device, dtype=torch.float32)
+    dq = torch.empty(B, T, H, K, **f32)
+    dk = torch.empty(B, T, H, K, **f32)
+    dv = torch.empty(B, T, H, V, **f32)
+    dlam = torch.empty(B, T, H, L, **f32)
+    dgs = torch.empty(B, T, H, **f32)
+    common = dict(H=H, HG=HG, G=G, K=K, V=V, C=C)
+    lp = triton.next_power_of_2(L)
+    log2c = int(math.log2(C))
+    _bwd_intra[(lay.NT, B * H)](
+        q, k, v, g, lamx, do, dq, dk, dv, dlam, T, L, scale, *lamx.stride(),
+        LP=lp, LOG2C=log2c, PREC=prec, num_warps=8, **common,
+    )
+    if lay.NH > 0:
+        _bwd_inter_q[(lay.NT, B * H)](
+            q, g, lamx, do, nodes, totals, hoff, dq, dlam, T, lay.n_nodes, lay.NH, L, scale,
+            *lamx.stride(), LP=lp, LOG2C=log2c, PREC=prec, **common,
+        )
+    _bwd_inter_k[(lay.NT, B * H)](
+        q, k, v, g, dstate, totals, hoff, nsizes, dq, dk, dv, dgs, T, lay.NT, lay.n_nodes, lay.NH,
+        PREC=prec, **common,
+    )
+    # value heads sharing a q/k group add their gradients
+    dq = dq.view(B, T, G, HG, K).sum(3)
+    dk = dk.view(B, T, G, HG, K).sum(3)
+    # dG_t = q_t·dq_t − k_t·dk_t, and g enters G through a cumsum: dg is its reverse cumsum
+    # (scan along the contiguous last dim: torch's scan over dim 1 of [B, T, H] is ~100× slower)
+    dgt = dgs.transpose(1, 2).contiguous()
+    dg = dgt.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
+    return dq, dk, dv, dg, dlam.sum_to_size(lam.shape)
+
+
+class LogLinearAttnTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, lam, scale, chunk_size, seg):
+        ctx.g_dtype = g.dtype
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        g = g.float().contiguous()
+        o, nodes, totals = forward(q, k, v, g, lam, scale, chunk_size)
+        ctx.save_for_backward(q, k, v, g, lam, nodes, totals)
+        ctx.scale, ctx.chunk_size, ctx.seg = scale, chunk_size, seg
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, g, lam, nodes, totals = ctx.saved_tensors
+        dq, dk, dv, dg, dlam = backward(q, k, v, g, lam, do.contiguous(), nodes, totals, ctx.scale, ctx.chunk_size, ctx.seg)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(ctx.g_dtype), dlam.to(lam.dtype), None, None, None
+
+
+def triton_log_linear_attn(
+    q, k, v, g, lam, scale: float = 1.0, chunk_size: int = CHUNK, seg: int = SEG
+) -> torch.Tensor:
+    """o ``[B, T, H, V]`` of log-linear attention by the Triton kernels (differentiable).
+
+    ``chunk_size`` and ``seg`` (chunks per program in the state-gradient pass) are powers of
+    two; tests shrink them to reach many tree heights at tiny T.
+    """
+    check_triton_inputs(q, k, v, g, lam)
+    for name, val, lo in (("chunk_size", chunk_size, 16), ("seg", seg, 1)):
+        if val < lo or val & (val - 1):
+            raise ValueError(f"{name} must be a power of two >= {lo}, got {val}")
+    return LogLinearAttnTriton.apply(q, k, v, g, lam, float(scale), chunk_size, seg)

@@ -376,6 +376,12 @@ def _build(mixer: str, cfg: SyntheticRunConfig, task: SyntheticTask, d_model: in
     return build_model(mixer, size=cfg.size, vocab_size=task.vocab_size, **kwargs)
 
 
+def _non_embedding(model: torch.nn.Module) -> int:
+    from mixerzoo.models.build import count_non_embedding
+
+    return count_non_embedding(model)
+
+
 def resolve_mixers(mixers: tuple[str, ...]) -> list[str]:
     """Expand ``"all"`` into every registered mixer, keeping order and dropping repeats."""
     names: list[str] = []
@@ -447,7 +453,8 @@ def run_synthetic(config: SyntheticRunConfig) -> dict[str, Any]:
                                 "x": x if x is not None else _width(model),
                                 "seed": seed,
                                 "lr": lr,
-                                "params": model.num_parameters(exclude_embeddings=True),
+                                # the size's matched count: embeddings and LM head excluded
+                                "params": _non_embedding(model),
                                 "params_total": model.num_parameters(),
                                 "task": task.to_dict(),
                                 **record,

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mixerzoo.ops.external import optional
+
 logger = logging.getLogger("mixerzoo")
 
 BACKENDS = ("auto", "triton", "torch", "naive")
@@ -33,6 +35,24 @@ def announce_backend(mixer: str, backend: str) -> None:
     if key not in _announced:
         _announced.add(key)
         logger.info("mixerzoo: %s runs the %s backend", mixer, backend)
+
+
+def pick_kernel_backend(requested: str, x: torch.Tensor, loader, what: str) -> str:
+    """Resolve ``"auto"``/``"triton"`` for a mixer whose GPU path is another package's kernel.
+
+    ``loader`` returns the kernel or raises ImportError with install advice (ops/external.py).
+    "auto" takes the kernel for CUDA tensors when it imports, else "torch"; an explicit
+    "triton" that cannot run raises; other backends pass through.
+    """
+    if requested == "auto":
+        return "triton" if x.is_cuda and optional(loader) is not None else "torch"
+    if requested == "triton":
+        if not x.is_cuda:
+            raise RuntimeError(
+                f"{what} backend='triton' needs CUDA tensors; use backend='torch' or 'auto' on the CPU"
+            )
+        loader()  # raises ImportError with install advice
+    return requested
 
 
 class Mixer(nn.Module):

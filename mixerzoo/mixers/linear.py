@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mixerzoo.mixers.base import Mixer, check_backend
-from mixerzoo.ops.external import load_fla_chunk_linear_attn, optional
+from mixerzoo.mixers.base import Mixer, check_backend, pick_kernel_backend
+from mixerzoo.ops.external import load_fla_chunk_linear_attn
 from mixerzoo.ops.linear_attn import (
     chunk_linear_attn_torch,
     linear_attn_quadratic,
@@ -81,18 +81,7 @@ class LinearAttention(Mixer):
         return self.o_proj(rearrange(o, "... h d -> ... (h d)"))
 
     def _pick_backend(self, x: torch.Tensor) -> str:
-        if self.backend == "auto":
-            if x.is_cuda and optional(load_fla_chunk_linear_attn) is not None:
-                return "triton"
-            return "torch"
-        if self.backend == "triton":
-            if not x.is_cuda:
-                raise RuntimeError(
-                    "LinearAttention backend='triton' (fla) needs CUDA tensors; "
-                    "use backend='torch' or 'auto' on the CPU"
-                )
-            load_fla_chunk_linear_attn()  # raises ImportError with install advice
-        return self.backend
+        return pick_kernel_backend(self.backend, x, load_fla_chunk_linear_attn, "LinearAttention (fla)")
 
     def _sequence(self, q, k, v, initial_state, want_state):
         backend = self._pick_backend(q)

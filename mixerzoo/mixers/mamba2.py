@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mixerzoo.mixers.base import Mixer, check_backend
-from mixerzoo.ops.external import load_mamba_chunk_scan_combined, optional
+from mixerzoo.mixers.base import Mixer, check_backend, pick_kernel_backend
+from mixerzoo.ops.external import load_mamba_chunk_scan_combined
 from mixerzoo.ops.ssd import ssd_chunked, ssd_quadratic, ssd_step
 
 
@@ -159,18 +159,7 @@ class Mamba2(Mixer):
     # --- the sequence op: what a variant replaces ----------------------------------------
 
     def _pick_backend(self, x: torch.Tensor) -> str:
-        if self.backend == "auto":
-            if x.is_cuda and optional(load_mamba_chunk_scan_combined) is not None:
-                return "triton"
-            return "torch"
-        if self.backend == "triton":
-            if not x.is_cuda:
-                raise RuntimeError(
-                    "Mamba2 backend='triton' (mamba-ssm) needs CUDA tensors; "
-                    "use backend='torch' or 'auto' on the CPU"
-                )
-            load_mamba_chunk_scan_combined()  # raises ImportError with install advice
-        return self.backend
+        return pick_kernel_backend(self.backend, x, load_mamba_chunk_scan_combined, "Mamba2 (mamba-ssm)")
 
     def _sequence(self, u, x, dt, A, B, C, extra, state, want_state):
         """The sequence op with its skip connection.

@@ -145,9 +145,10 @@ def backward(q, k, v, g, lam, do, nodes, totals, scale: float, C: int = CHUNK, s
         q, k, v, g, dstate, totals, hoff, nsizes, dq, dk, dv, dgs, T, lay.NT, lay.n_nodes, lay.NH,
         PREC=prec, **common,
     )
-    # value heads sharing a q/k group add their gradients
-    dq = dq.view(B, T, G, HG, K).sum(3)
-    dk = dk.view(B, T, G, HG, K).sum(3)
+    # value heads sharing a q/k group add their gradients (nothing to add when G = H)
+    if HG > 1:
+        dq = dq.view(B, T, G, HG, K).sum(3)
+        dk = dk.view(B, T, G, HG, K).sum(3)
     # dG_t = q_t·dq_t − k_t·dk_t, and g enters G through a cumsum: dg is its reverse cumsum
     # (scan along the contiguous last dim: torch's scan over dim 1 of [B, T, H] is ~100× slower)
     dgt = dgs.transpose(1, 2).contiguous()

@@ -1,0 +1,52 @@
+"""The ``mixerzoo`` command: each subcommand's output, files and exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mixerzoo.cli import main
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("softmax", "linear", "mamba2", "loglinear_fixed", "loglinear", "loglinear_adaptive"):
+        assert name in out
+
+
+def test_params_table_and_json(tmp_path, capsys):
+    path = tmp_path / "p.json"
+    assert main(["params", "--size", "350m", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "loglinear_adaptive" in out and "deviation" in out
+    rows = json.loads(path.read_text())["rows"]
+    assert len(rows) == 6 and all(abs(r["deviation"]) <= 0.01 for r in rows)
+
+
+def test_unknown_size_is_an_error_not_a_traceback(capsys):
+    assert main(["params", "--size", "9b"]) == 2
+    assert "known sizes" in capsys.readouterr().err
+
+
+def test_unknown_mixer(capsys):
+    assert main(["params", "--size", "tiny", "--mixers", "softmx"]) == 2
+    assert "did you mean" in capsys.readouterr().err.lower()
+
+
+def test_synth_writes_files(tmp_path, capsys):
+    out = tmp_path / "s"
+    code = main(["synth", "mqar", "--preset", "demo", "--mixers", "softmax", "--steps", "10",
+                 "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    assert {"results.json", "results.csv", "summary.csv"} <= {p.name for p in out.iterdir()}
+    assert any(p.suffix == ".png" for p in out.iterdir())
+    assert "softmax" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_bench_without_gpu_says_so(capsys):
+    assert main(["bench", "kernels", "--seq-lens", "2048"]) == 2
+    assert "CUDA" in capsys.readouterr().err

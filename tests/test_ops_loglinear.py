@@ -389,3 +389,55 @@ def test_bad_chunk_size_and_step_inputs():
         log_linear_step(q, q, torch.randn(2, 4, 3), torch.zeros(2, 2), torch.ones(1, 4, 3))
     with pytest.raises(ValueError, match="divide"):
         log_linear_step(q, q, torch.randn(2, 3, 3), torch.zeros(2, 3), torch.ones(1, 3, 3))
+
+
+@pytest.mark.parametrize("backend", ["torch", "naive", "triton"])
+def test_cu_seqlens_equals_separate_sequences(backend):
+    H, K, V = 2, 16, 16
+    lengths = [5, 1, 37, 0, 20]
+    T = sum(lengths)
+    q, k = torch.randn(1, T, 1, K), torch.randn(1, T, 1, K) / 4
+    v = torch.randn(1, T, H, V)
+    g = -torch.nn.functional.softplus(torch.randn(1, T, H)) * 0.1
+    lam = torch.nn.functional.softplus(torch.randn(1, T, H, 7)) + 0.1
+    xs = [x.clone().requires_grad_() for x in (q, k, v, g, lam)]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)))
+    o, state = log_linear_attn(*xs, scale=0.5, backend=backend, cu_seqlens=cu)
+    assert state is None and o.shape == v.shape
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, xs, do)
+    refs, start = [], 0
+    for n in lengths:
+        if n:
+            piece = [x[:, start:start + n] for x in (q, k, v, g, lam)]
+            refs.append(naive_log_linear_attn(*piece, scale=0.5)[0])
+        start += n
+    ref = torch.cat(refs, dim=1)
+    assert_close("o", ref, o, 1e-5)
+    xs2 = [x.clone().requires_grad_() for x in (q, k, v, g, lam)]
+    out2, start = [], 0
+    for n in lengths:
+        if n:
+            out2.append(naive_log_linear_attn(*[x[:, start:start + n] for x in xs2], scale=0.5)[0])
+        start += n
+    grads_ref = torch.autograd.grad(torch.cat(out2, 1), xs2, do)
+    for name, a, b in zip("qkvgl", grads, grads_ref):
+        assert_close(f"d{name}", b, a, 1e-5)
+
+
+@pytest.mark.parametrize(
+    "cu, error, match",
+    [
+        (torch.tensor([0, 3, 2, 10]), ValueError, "never decrease"),
+        (torch.tensor([0, 5]), ValueError, "end at T"),
+        (torch.tensor([0.0, 10.0]), TypeError, "integer"),
+    ],
+    ids=["decreasing", "wrong-end", "float"],
+)
+def test_cu_seqlens_bad(cu, error, match):
+    q = torch.randn(1, 10, 1, 4)
+    with pytest.raises(error, match=match):
+        log_linear_attn(q, q, torch.randn(1, 10, 2, 4), torch.zeros(1, 10, 2), torch.ones(4), cu_seqlens=cu, backend="torch")
+    with pytest.raises(NotImplementedError, match="one by one"):
+        log_linear_attn(q, q, torch.randn(1, 10, 2, 4), torch.zeros(1, 10, 2), torch.ones(4),
+                        cu_seqlens=torch.tensor([0, 10]), output_final_state=True, backend="torch")

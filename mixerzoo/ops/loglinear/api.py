@@ -8,7 +8,7 @@ import torch
 
 from .chunked import chunked_log_linear_attn
 from .naive import naive_log_linear_attn
-from .state import LogLinearState, check_inputs
+from .state import LogLinearState, check_inputs, lam_as_4d
 
 __all__ = ["BACKENDS", "log_linear_attn", "resolve_backend"]
 
@@ -64,6 +64,7 @@ def log_linear_attn(
     initial_state: LogLinearState | None = None,
     output_final_state: bool = False,
     backend: str = "auto",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LogLinearState | None]:
     """Log-linear attention (see ``naive.py`` for the definition).
 
@@ -79,6 +80,10 @@ def log_linear_attn(
         output_final_state: return the state after these tokens too.
         backend: ``"auto"``, ``"torch"`` (chunked, O(T log T)), ``"naive"`` (O(T²)) or
             ``"triton"``.
+        cu_seqlens: for variable-length batches, as in fla: ``B = 1`` and the sequences packed
+            along T, sequence ``i`` at ``[cu_seqlens[i], cu_seqlens[i+1])``; each starts at
+            position 0 (its own Fenwick levels) and sees none of the others. Stateless calls
+            only; each sequence is one pass of the chosen backend.
 
     Returns:
         ``(o, state)``: o ``[B, T, H, V]`` in v's dtype (fp32 accumulation, fp64 for fp64
@@ -87,6 +92,8 @@ def log_linear_attn(
     check_inputs(q, k, v, g, lam, scale, initial_state)
     stateful = initial_state is not None or output_final_state
     name = resolve_backend(backend, q.device, dtype=q.dtype, stateful=stateful)
+    if cu_seqlens is not None:
+        return _varlen(q, k, v, g, lam, scale, cu_seqlens, stateful, name), None
     args = (q, k, v, g, lam, scale, initial_state, output_final_state)
     if name == "torch":
         return chunked_log_linear_attn(*args)
@@ -100,3 +107,37 @@ def log_linear_attn(
     from .triton_ops import triton_log_linear_attn
 
     return triton_log_linear_attn(q, k, v, g, lam, scale), None
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int) -> list[int]:
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+        raise TypeError("cu_seqlens must be a 1-D integer tensor [N + 1]")
+    if B != 1:
+        raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B = {B}")
+    bounds = cu_seqlens.tolist()
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != T or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(
+            f"cu_seqlens must start at 0, end at T = {T} and never decrease; got {bounds[:8]}"
+            + ("..." if len(bounds) > 8 else "")
+        )
+    return bounds
+
+
+def _varlen(q, k, v, g, lam, scale, cu_seqlens, stateful, name) -> torch.Tensor:
+    """Packed sequences, each from position 0 with no state: one backend call per sequence."""
+    if stateful:
+        raise NotImplementedError(
+            "cu_seqlens with initial_state / output_final_state is not supported; "
+            "run the sequences one by one to carry states"
+        )
+    bounds = _check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
+    lam4 = lam_as_4d(lam)
+    outs = []
+    for start, end in zip(bounds, bounds[1:]):
+        if end == start:
+            continue
+        piece = slice(start, end)
+        lam_i = lam4[:, piece] if lam4.shape[1] != 1 else lam4
+        outs.append(log_linear_attn(q[:, piece], k[:, piece], v[:, piece], g[:, piece], lam_i,
+                                    scale=scale, backend=name)[0])
+    return torch.cat(outs, dim=1)

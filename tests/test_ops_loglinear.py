@@ -368,8 +368,8 @@ BAD_INPUTS = {
     "state-not-a-state": (dict(initial_state=torch.zeros(2, 4, 3, 4, 3)), TypeError, "LogLinearState"),
     "unknown-backend": (dict(backend="cuda"), ValueError, "not one of"),
     "triton-head-dim": (dict(backend="triton"), ValueError, "Triton backend supports K, V in"),
-    "triton-state": (
-        dict(backend="triton", output_final_state=True), NotImplementedError, "Triton backend does not take"
+    "triton-fp64": (
+        dict(backend="triton", q=torch.randn(2, 8, 2, 16, dtype=torch.float64)), TypeError, "one dtype"
     ),
 }
 

@@ -28,21 +28,17 @@ def triton_available(device: torch.device) -> bool:
 
 
 def resolve_backend(
-    backend: str, device: torch.device, *, dtype: torch.dtype | None = None, stateful: bool = False
+    backend: str, device: torch.device, *, dtype: torch.dtype | None = None
 ) -> str:
     """The backend ``log_linear_attn`` runs for this request (one rule, used by the mixers too).
 
-    ``"auto"`` is the Triton kernel on CUDA and the chunked torch code elsewhere; calls the
-    kernel does not take yet (recurrent states, fp64) go to torch, which computes the same
-    function. An explicit backend is returned as is, or refused with the reason.
+    ``"auto"`` is the Triton kernel on CUDA and the chunked torch code elsewhere; fp64 inputs,
+    which the kernels do not take, go to torch, which computes the same function. An explicit
+    backend is returned as is, or refused with the reason.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    unsupported = None
-    if stateful:
-        unsupported = "recurrent states (initial_state / output_final_state)"
-    elif dtype == torch.float64:
-        unsupported = "fp64 inputs"
+    unsupported = "fp64 inputs" if dtype == torch.float64 else None
     if backend == "auto":
         if device.type == "cuda" and triton_available(device) and unsupported is None:
             return "triton"
@@ -91,7 +87,7 @@ def log_linear_attn(
     """
     check_inputs(q, k, v, g, lam, scale, initial_state)
     stateful = initial_state is not None or output_final_state
-    name = resolve_backend(backend, q.device, dtype=q.dtype, stateful=stateful)
+    name = resolve_backend(backend, q.device, dtype=q.dtype)
     if cu_seqlens is not None:
         return _varlen(q, k, v, g, lam, scale, cu_seqlens, stateful, name), None
     args = (q, k, v, g, lam, scale, initial_state, output_final_state)
@@ -104,6 +100,10 @@ def log_linear_attn(
             f"the Triton backend needs a CUDA device (inputs are on {q.device}) and triton "
             "installed; use backend='torch'"
         )
+    if stateful:
+        from .triton_state import triton_log_linear_attn_stateful
+
+        return triton_log_linear_attn_stateful(*args)
     from .triton_ops import triton_log_linear_attn
 
     return triton_log_linear_attn(q, k, v, g, lam, scale), None

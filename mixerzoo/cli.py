@@ -37,6 +37,10 @@ def _mixer_list(value: str) -> list[str]:
     return list_mixers() if value == "all" else [m.strip() for m in value.split(",") if m.strip()]
 
 
+def _count(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
 def cmd_params(args: argparse.Namespace) -> int:
     from .models.build import param_rows, param_target
 
@@ -46,7 +50,7 @@ def cmd_params(args: argparse.Namespace) -> int:
     print(f"size {args.size}: non-embedding target {target:,} (softmax, SwiGLU 8/3·d)")
     print(_table(
         [[r["mixer"], f"{r['params']:,}", f"{100 * r['deviation']:+.2f}%", r["mlp_hidden"],
-          f"{r['state_2k']:,}", f"{r['state_16k']:,}"] for r in rows],
+          _count(r["state_2k"]), _count(r["state_16k"])] for r in rows],
         ["mixer", "non-emb params", "deviation", "mlp width", "state @2K", "state @16K"],
     ))
     if args.json:

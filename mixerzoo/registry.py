@@ -117,23 +117,63 @@ def read_registry_file(path: str | os.PathLike) -> list[MixerSpec]:
 
 
 class Registry:
-    """Name → MixerSpec, with collisions refused and 'did you mean' on unknown names."""
+    """Name → MixerSpec, with collisions refused and 'did you mean' on unknown names.
+
+    Sources are kept apart: the built-ins and entry points are read once; the files named by
+    ``MIXERZOO_REGISTRY`` are re-read whenever the variable changes; ``register_mixer`` and
+    ``load_registry`` add to the user layer. A source that fails (a missing file, a broken
+    entry point) is reported by every lookup it could affect, and hides nothing else.
+    """
 
     def __init__(self) -> None:
-        self._specs: dict[str, MixerSpec] = {}
-        self._loaded_defaults = False
+        self._builtin: dict[str, MixerSpec] | None = None
+        self._entry_points: dict[str, MixerSpec] | None = None
+        self._broken_entry_points: dict[str, RegistryError] = {}
+        self._env_value: str | None = None
+        self._env: dict[str, MixerSpec] = {}
+        self._env_error: RegistryError | None = None
+        self._user: dict[str, MixerSpec] = {}
 
-    def _ensure_defaults(self) -> None:
-        if self._loaded_defaults:
+    # --- sources ---------------------------------------------------------------------------
+    def _load_static(self) -> None:
+        if self._builtin is None:
+            self._builtin = {s.name: s for s in read_registry_file(Path(__file__).with_name("registry.yaml"))}
+        if self._entry_points is None:
+            found: dict[str, MixerSpec] = {}
+            for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+                try:
+                    found[ep.name] = self._spec_from_entry_point(ep)
+                except RegistryError as e:  # reported when that name is asked for
+                    self._broken_entry_points[ep.name] = e
+            self._entry_points = found
+
+    def _load_env(self) -> None:
+        value = os.environ.get("MIXERZOO_REGISTRY", "")
+        if value == self._env_value:
             return
-        self._loaded_defaults = True
-        for spec in read_registry_file(Path(__file__).with_name("registry.yaml")):
-            self._add(spec, overwrite=False)
-        for part in filter(None, os.environ.get("MIXERZOO_REGISTRY", "").split(os.pathsep)):
-            for spec in read_registry_file(part):
-                self._add(spec, overwrite=False)
-        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            self._add(self._spec_from_entry_point(ep), overwrite=False)
+        self._env_value, self._env, self._env_error = value, {}, None
+        try:
+            for part in filter(None, value.split(os.pathsep)):
+                for spec in read_registry_file(part):
+                    self._env[spec.name] = spec
+        except RegistryError as e:
+            self._env, self._env_error = {}, RegistryError(f"MIXERZOO_REGISTRY={value!r}: {e}")
+
+    def _merged(self) -> dict[str, MixerSpec]:
+        self._load_static()
+        self._load_env()
+        if self._env_error is not None:
+            raise self._env_error
+        merged: dict[str, MixerSpec] = {}
+        for layer in (self._builtin, self._env, self._entry_points, self._user):
+            for name, spec in layer.items():
+                if name in merged and layer is not self._user:
+                    raise RegistryError(
+                        f"mixer {name!r} from {spec.source} collides with the one from "
+                        f"{merged[name].source}; rename one of them"
+                    )
+                merged[name] = spec
+        return merged
 
     @staticmethod
     def _spec_from_entry_point(ep: metadata.EntryPoint) -> MixerSpec:
@@ -150,45 +190,72 @@ class Registry:
             return _spec_from_entry(ep.name, obj, source)
         raise RegistryError(f"{source}: must point to a mixer class or a registry entry dict")
 
-    def _add(self, spec: MixerSpec, overwrite: bool) -> None:
-        if spec.name in self._specs and not overwrite:
-            old = self._specs[spec.name]
-            raise RegistryError(
-                f"mixer {spec.name!r} from {spec.source} collides with the one from {old.source}; "
-                "choose another name (or pass overwrite=True to register_mixer)"
-            )
-        self._specs[spec.name] = spec
+    # --- the user layer --------------------------------------------------------------------
+    def add_all(self, specs: list[MixerSpec], overwrite: bool = False) -> None:
+        """Add every spec or none (collisions are checked before anything is added)."""
+        merged = self._merged()
+        if not overwrite:
+            for spec in specs:
+                if spec.name in merged:
+                    raise RegistryError(
+                        f"mixer {spec.name!r} from {spec.source} collides with the one from "
+                        f"{merged[spec.name].source}; choose another name (or pass overwrite=True)"
+                    )
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise RegistryError(f"duplicate mixer names in one registration: {names}")
+        for spec in specs:
+            self._user[spec.name] = spec
 
     def add(self, spec: MixerSpec, overwrite: bool = False) -> None:
-        self._ensure_defaults()
-        self._add(spec, overwrite)
+        self.add_all([spec], overwrite)
 
     def load_file(self, path: str | os.PathLike, overwrite: bool = False) -> list[str]:
-        self._ensure_defaults()
         specs = read_registry_file(path)
-        for spec in specs:
-            self._add(spec, overwrite)
+        self.add_all(specs, overwrite)
         return [s.name for s in specs]
 
+    def remove(self, name: str) -> None:
+        self._user.pop(name, None)
+
+    # --- lookups -----------------------------------------------------------------------------
     def names(self) -> list[str]:
-        self._ensure_defaults()
-        return list(self._specs)
+        return list(self._merged())
+
+    def known(self) -> str:
+        """The known names, for error messages."""
+        try:
+            return ", ".join(self._merged())
+        except RegistryError:
+            return ", ".join(self._builtin or {})
 
     def get(self, name: str) -> MixerSpec:
-        self._ensure_defaults()
-        if name in self._specs:
-            return self._specs[name]
-        close = difflib.get_close_matches(str(name), self._specs, n=3)
+        merged = self._merged()
+        if name in merged:
+            return merged[name]
+        if name in self._broken_entry_points:
+            raise self._broken_entry_points[name]
+        close = difflib.get_close_matches(str(name), merged, n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise RegistryError(
-            f"unknown mixer {name!r}.{hint} Known mixers: {', '.join(self._specs)}. "
+            f"unknown mixer {name!r}.{hint} Known mixers: {', '.join(merged)}. "
             "Add one with register_mixer(...), a registry YAML (MIXERZOO_REGISTRY) or an "
             f"entry point in group {ENTRY_POINT_GROUP!r}."
         )
 
-    def remove(self, name: str) -> None:
-        self._ensure_defaults()
-        self._specs.pop(name, None)
+    def find_class(self, name: str, class_path: str) -> type | None:
+        """The registered class object for ``name`` if it is the one at ``class_path``.
+
+        Lets a class defined where it cannot be re-imported (inside a function, in a
+        notebook) be built from the config that names it.
+        """
+        try:
+            spec = self._merged().get(name)
+        except RegistryError:
+            return None
+        if spec is not None and not isinstance(spec.target, str) and spec.class_path == class_path:
+            return spec.target
+        return None
 
 
 REGISTRY = Registry()
@@ -204,7 +271,12 @@ def register_mixer(
     **options: Any,
 ) -> MixerSpec:
     """Add a mixer: ``cls`` is a class or ``"module:Class"``; ``options`` go to its constructor."""
-    if not isinstance(cls, (type, str)):
+    if not isinstance(name, str) or not name.strip():
+        raise RegistryError(f"register_mixer: the name must be a non-empty string, got {name!r}")
+    if isinstance(cls, str):
+        if ":" not in cls and "." not in cls:
+            raise RegistryError(f"register_mixer({name!r}): {cls!r} is not of the form 'package.module:Class'")
+    elif not isinstance(cls, type):
         raise RegistryError(f"register_mixer({name!r}): cls must be a class or 'module:Class'")
     spec = MixerSpec(name, cls, dict(options), summary, reference, source="register_mixer")
     REGISTRY.add(spec, overwrite=overwrite)
@@ -212,7 +284,7 @@ def register_mixer(
 
 
 def load_registry(path: str | os.PathLike, *, overwrite: bool = False) -> list[str]:
-    """Add every entry of a registry YAML file; returns the names added."""
+    """Add every entry of a registry YAML file (all or none); returns the names added."""
     return REGISTRY.load_file(path, overwrite=overwrite)
 
 
@@ -224,24 +296,63 @@ def get_mixer_spec(name: str) -> MixerSpec:
     return REGISTRY.get(name)
 
 
-def accepted_options(cls: type) -> set[str] | None:
-    """Keyword options the constructor accepts beyond (d_model, layer_idx); None if it takes **kwargs."""
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return None
-    return {n for n in params if n not in ("self", "d_model", "layer_idx")} - {
-        n for n, p in params.items() if p.kind is inspect.Parameter.VAR_POSITIONAL
-    }
+def resolve_mixer_class(name: str, spec: MixerSpec | None = None) -> type:
+    """The class of a registered mixer; import failures name the known mixers too."""
+    spec = spec or get_mixer_spec(name)
+    try:
+        return spec.resolve()
+    except RegistryError as e:
+        raise RegistryError(f"{e}. Known mixers: {REGISTRY.known()}") from e
+
+
+def class_for_layer(name: str, class_path: str) -> type:
+    """The mixer class a saved layer config names: the registered class object when ``name``
+    is registered with that path (it may not be importable), else an import of the path."""
+    found = REGISTRY.find_class(name, class_path)
+    if found is not None:
+        return found
+    try:
+        return import_class(class_path, f"mixer {name!r}")
+    except RegistryError as e:
+        raise RegistryError(f"{e}. Known mixers: {REGISTRY.known()}") from e
+
+
+_OPTION_FREE_BASES = {"Mixer", "Module", "object"}
+
+
+def accepted_options(cls: type) -> tuple[set[str], bool]:
+    """``(named, open)``: the keyword options the constructor names (beyond d_model and
+    layer_idx), and whether it also takes options it does not name.
+
+    A ``**kwargs`` constructor that forwards to a base class's (LogLinearMamba2 → Mamba2)
+    accepts that base's named options too; one whose next constructor is the plain mixer or
+    module base keeps its ``**kwargs`` for itself and is open.
+    """
+    named: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        if klass is not cls and klass.__name__ in _OPTION_FREE_BASES:
+            return named, True
+        params = inspect.signature(klass.__init__).parameters
+        named |= {
+            n for n, p in params.items()
+            if n not in ("self", "d_model", "layer_idx")
+            and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        }
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return named, False
+    return named, True
 
 
 def check_options(name: str, cls: type, options: dict[str, Any]) -> None:
     """Raise a RegistryError naming the accepted options if any option is unknown."""
-    accepted = accepted_options(cls)
-    if accepted is None:
+    named, open_ = accepted_options(cls)
+    if open_:
         return
-    unknown = sorted(set(options) - accepted)
+    unknown = sorted(set(options) - named)
     if unknown:
         raise RegistryError(
             f"mixer {name!r} ({cls.__name__}) got unknown option(s) {unknown}; "
-            f"accepted: {sorted(accepted)}"
+            f"accepted: {sorted(named)}"
         )

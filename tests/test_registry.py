@@ -136,3 +136,73 @@ def test_unimportable_class(clean_registry):
     mixerzoo.register_mixer("ghost", "no_such_module_xyz:Ghost")
     with pytest.raises(RegistryError, match="cannot import module 'no_such_module_xyz'"):
         mixerzoo.build_model("ghost", size="tiny")
+
+
+def test_env_registry_is_read_when_it_changes(tmp_path, monkeypatch):
+    path = tmp_path / "late.yaml"
+    path.write_text("lateconv: tests.user_mixers:CausalConvMixer\n")
+    assert "lateconv" not in mixerzoo.list_mixers()
+    monkeypatch.setenv("MIXERZOO_REGISTRY", str(path))
+    assert "lateconv" in mixerzoo.list_mixers()
+    mixerzoo.build_model("lateconv", size="tiny", vocab_size=32)
+    monkeypatch.delenv("MIXERZOO_REGISTRY")
+    assert "lateconv" not in mixerzoo.list_mixers()
+
+
+def test_missing_env_file_is_reported_every_time(monkeypatch, tmp_path):
+    monkeypatch.setenv("MIXERZOO_REGISTRY", str(tmp_path / "nope.yaml"))
+    for _ in range(2):
+        with pytest.raises(RegistryError, match="MIXERZOO_REGISTRY.*does not exist"):
+            mixerzoo.list_mixers()
+
+
+def test_broken_entry_point_hides_nothing_else(monkeypatch):
+    from importlib import metadata
+
+    from mixerzoo import registry
+
+    eps = [
+        metadata.EntryPoint(name="broken", value="no_such_pkg_xyz:Nope", group=registry.ENTRY_POINT_GROUP),
+        metadata.EntryPoint(name="fine", value="tests.user_mixers:CausalConvMixer", group=registry.ENTRY_POINT_GROUP),
+    ]
+    monkeypatch.setattr(registry.metadata, "entry_points", lambda group: eps)
+    reg = registry.Registry()
+    assert {"softmax", "fine"} <= set(reg.names())
+    with pytest.raises(RegistryError, match="broken.*failed to load"):
+        reg.get("broken")
+
+
+def test_class_defined_in_a_function_builds(clean_registry):
+    from mixerzoo.mixers.base import Mixer
+
+    class Local(Mixer):
+        def __init__(self, d_model, *, layer_idx=0):
+            super().__init__(d_model, layer_idx)
+            self.proj = torch.nn.Linear(d_model, d_model)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    mixerzoo.register_mixer("local_cls", Local)
+    model = mixerzoo.build_model("local_cls", size="tiny", vocab_size=32)
+    assert model(torch.randint(0, 32, (1, 5))).logits.shape == (1, 5, 32)
+
+
+def test_forwarded_kwargs_options_are_checked():
+    with pytest.raises(RegistryError, match="bogus.*accepted.*d_state"):
+        mixerzoo.build_model("loglinear_adaptive", size="tiny", mixer_options={"bogus": 1})
+
+
+def test_load_registry_is_all_or_nothing(tmp_path, clean_registry):
+    path = tmp_path / "half.yaml"
+    path.write_text("first_ok: tests.user_mixers:CausalConvMixer\nsoftmax: tests.user_mixers:CausalConvMixer\n")
+    with pytest.raises(RegistryError, match="collides"):
+        mixerzoo.load_registry(path)
+    assert "first_ok" not in mixerzoo.list_mixers()
+
+
+def test_bad_registrations_fail_at_once(clean_registry):
+    with pytest.raises(RegistryError, match="non-empty string"):
+        mixerzoo.register_mixer("", "tests.user_mixers:CausalConvMixer")
+    with pytest.raises(RegistryError, match="form 'package.module:Class'"):
+        mixerzoo.register_mixer("x", "notapath")

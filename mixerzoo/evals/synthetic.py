@@ -383,14 +383,16 @@ def _non_embedding(model: torch.nn.Module) -> int:
 
 
 def resolve_mixers(mixers: tuple[str, ...]) -> list[str]:
-    """Expand ``"all"`` into every registered mixer, keeping order and dropping repeats."""
+    """Expand ``"all"`` into every registered mixer, keeping order and dropping repeats;
+    an unknown name fails here, before any training starts."""
+    from mixerzoo.registry import get_mixer_spec, list_mixers
+
     names: list[str] = []
     for name in mixers:
         if name == "all":
-            from mixerzoo import list_mixers
-
             names.extend(list_mixers())
         else:
+            get_mixer_spec(name)  # raises with the known names and a suggestion
             names.append(name)
     return list(dict.fromkeys(names))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..registry import check_options, get_mixer_spec
+from ..registry import check_options, class_for_layer, get_mixer_spec, resolve_mixer_class
 from .config import MixerZooConfig
 from .sizes import (
     get_size,
@@ -35,10 +35,10 @@ def _plan_layers(
     for i in range(n_layers):
         name = names[i % len(names)]
         spec = get_mixer_spec(name)
-        cls = spec.resolve()
+        cls = resolve_mixer_class(name, spec)
         options = size_defaults(cls, preset, {**spec.options, **(mixer_options or {})})
         check_options(name, cls, options)
-        plans.append(LayerPlan(name, spec.class_path, options, mixer_param_count(cls, d_model, i, options)))
+        plans.append(LayerPlan(name, spec.class_path, options, mixer_param_count(cls, d_model, i, options, name)))
     return plans
 
 
@@ -65,6 +65,8 @@ def build_config(
 ) -> MixerZooConfig:
     """The config ``build_model`` would build (see there); cheap, allocates no weights."""
     preset = get_size(size)
+    if not isinstance(name, str) and not (isinstance(name, Sequence) and all(isinstance(n, str) for n in name)):
+        raise TypeError(f"name must be a mixer name or a list of names (a hybrid), got {name!r}")
     names = [name] if isinstance(name, str) else list(name)
     if not names:
         raise ValueError("name must be a mixer name or a non-empty list of names (a hybrid)")
@@ -117,7 +119,8 @@ def param_rows(size: str, mixers: Sequence[str] | None = None, **kwargs: Any) ->
     """One row per mixer at ``size``: non-embedding params, deviation from target, state sizes."""
     import torch
 
-    from ..registry import import_class, list_mixers
+    from ..registry import list_mixers
+    from .sizes import construct_mixer
 
     target = param_target(size, kwargs.get("d_model"), kwargs.get("n_layers"))
     rows = []
@@ -126,10 +129,14 @@ def param_rows(size: str, mixers: Sequence[str] | None = None, **kwargs: Any) ->
         mixer_params, states = [], {2048: 0, 16384: 0}
         with torch.device("meta"):
             for i, layer in enumerate(cfg.layers):
-                mixer = import_class(layer["class"])(cfg.d_model, layer_idx=i, **layer["options"])
+                mixer = construct_mixer(class_for_layer(name, layer["class"]), cfg.d_model, i, layer["options"], name)
                 mixer_params.append(sum(p.numel() for p in mixer.parameters()))
                 for t in states:
-                    states[t] += mixer.state_size(t)
+                    # a mixer without recurrent decoding has no state size to report
+                    try:
+                        states[t] = None if states[t] is None else states[t] + mixer.state_size(t)
+                    except (AttributeError, NotImplementedError):
+                        states[t] = None
         params = non_embedding_params(mixer_params, cfg.d_model, cfg.mlp_hidden)
         rows.append({
             "mixer": name,

@@ -16,20 +16,18 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from ..registry import RegistryError, check_options, import_class
+from ..registry import check_options, class_for_layer
 from .backbone import Block, RMSNorm, SwiGLU
 from .config import MixerZooConfig
+from .sizes import construct_mixer
 
 
 def _build_mixer(layer: dict[str, Any], d_model: int, layer_idx: int) -> nn.Module:
     name = layer.get("mixer", "?")
-    cls = import_class(layer["class"], f"layer {layer_idx} mixer {name!r}")
+    cls = class_for_layer(name, layer["class"])
     options = dict(layer.get("options") or {})
     check_options(name, cls, options)
-    try:
-        return cls(d_model, layer_idx=layer_idx, **options)
-    except TypeError as e:
-        raise RegistryError(f"mixer {name!r} could not be built with options {options}: {e}") from e
+    return construct_mixer(cls, d_model, layer_idx, options, name)
 
 
 class MixerZooForCausalLM(PreTrainedModel):
@@ -121,6 +119,12 @@ class MixerZooForCausalLM(PreTrainedModel):
     def init_state(self, batch: int, device=None, dtype=None) -> list[Any]:
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
+        for i, blk in enumerate(self.blocks):
+            if not all(hasattr(blk.mixer, m) for m in ("init_state", "step", "prefill")):
+                raise NotImplementedError(
+                    f"layer {i}'s mixer {type(blk.mixer).__name__} does not support recurrent "
+                    "decoding (init_state/step/prefill; subclass mixerzoo.mixers.base.Mixer)"
+                )
         return [blk.mixer.init_state(batch, device, dtype) for blk in self.blocks]
 
     def prefill(self, input_ids: torch.Tensor, state: list[Any] | None = None) -> tuple[torch.Tensor, list[Any]]:
@@ -168,6 +172,8 @@ class MixerZooForCausalLM(PreTrainedModel):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("generate does not support padded prompts; pass equal-length prompts")
         if max_new_tokens is None:
+            if max_length is not None and max_length < input_ids.shape[1]:
+                raise ValueError(f"max_length={max_length} is shorter than the prompt ({input_ids.shape[1]} tokens)")
             max_new_tokens = (max_length - input_ids.shape[1]) if max_length is not None else 20
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -193,10 +199,14 @@ class MixerZooForCausalLM(PreTrainedModel):
     # --- introspection -----------------------------------------------------------------------
     def backends(self) -> dict[str, str | None]:
         """What each layer's mixer ran last ("torch", "triton", "sdpa", ...; None before a forward)."""
-        return {f"layer{i}.{type(b.mixer).__name__}": b.mixer.last_backend for i, b in enumerate(self.blocks)}
+        return {f"layer{i}.{type(b.mixer).__name__}": getattr(b.mixer, "last_backend", None)
+                for i, b in enumerate(self.blocks)}
 
     def state_size(self, seq_len: int) -> int:
         """Elements of recurrent state per sequence after ``seq_len`` tokens, all layers."""
+        for i, b in enumerate(self.blocks):
+            if not hasattr(b.mixer, "state_size"):
+                raise NotImplementedError(f"layer {i}'s mixer {type(b.mixer).__name__} has no state_size")
         return sum(b.mixer.state_size(seq_len) for b in self.blocks)
 
 

@@ -48,9 +48,9 @@ def get_size(size: str) -> SizePreset:
 
 
 def size_defaults(cls: type, preset: SizePreset, options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` completed with the size's mixer defaults that ``cls`` accepts."""
-    accepted = accepted_options(cls)
-    out = {k: v for k, v in preset.mixer_defaults.items() if accepted is None or k in accepted}
+    """``options`` completed with the size's mixer defaults that ``cls`` names."""
+    named, _ = accepted_options(cls)
+    out = {k: v for k, v in preset.mixer_defaults.items() if k in named}
     out.update(options)
     return out
 
@@ -60,11 +60,25 @@ def softmax_mlp_width(d_model: int) -> int:
     return 64 * math.ceil(8 * d_model / 3 / 64)
 
 
-def mixer_param_count(cls: type, d_model: int, layer_idx: int, options: dict[str, Any]) -> int:
+def mixer_param_count(cls: type, d_model: int, layer_idx: int, options: dict[str, Any], name: str | None = None) -> int:
     """Parameters of one mixer layer, counted on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
-        mixer = cls(d_model, layer_idx=layer_idx, **options)
+        mixer = construct_mixer(cls, d_model, layer_idx, options, name)
     return sum(p.numel() for p in mixer.parameters())
+
+
+def construct_mixer(cls: type, d_model: int, layer_idx: int, options: dict[str, Any], name: str | None = None):
+    """``cls(d_model, layer_idx=i, **options)``, a constructor's TypeError turned into a
+    RegistryError that names the mixer and the options it accepts."""
+    try:
+        return cls(d_model, layer_idx=layer_idx, **options)
+    except TypeError as e:
+        named, _ = accepted_options(cls)
+        raise RegistryError(
+            f"mixer {name or cls.__name__!r} ({cls.__name__}) could not be built with options "
+            f"{options}: {e}. Mixers are built as cls(d_model, layer_idx=i, **options); "
+            f"options it names: {sorted(named)}"
+        ) from e
 
 
 def block_extra_params(d_model: int, mlp_hidden: int) -> int:

@@ -367,7 +367,7 @@ BAD_INPUTS = {
     ),
     "state-not-a-state": (dict(initial_state=torch.zeros(2, 4, 3, 4, 3)), TypeError, "LogLinearState"),
     "unknown-backend": (dict(backend="cuda"), ValueError, "not one of"),
-    "triton-head-dim": (dict(backend="triton"), ValueError, "Triton backend supports K, V in"),
+    "triton-head-dim": (dict(backend="triton"), NotImplementedError, "does not take head sizes"),
     "triton-fp64": (
         dict(backend="triton", q=torch.randn(2, 8, 2, 16, dtype=torch.float64)), TypeError, "one dtype"
     ),

@@ -8,7 +8,7 @@ import torch
 
 from .chunked import chunked_log_linear_attn
 from .naive import naive_log_linear_attn
-from .state import LogLinearState, check_inputs, lam_as_4d
+from .state import TRITON_HEAD_DIMS, LogLinearState, check_inputs, lam_as_4d
 
 __all__ = ["BACKENDS", "log_linear_attn", "resolve_backend"]
 
@@ -28,17 +28,26 @@ def triton_available(device: torch.device) -> bool:
 
 
 def resolve_backend(
-    backend: str, device: torch.device, *, dtype: torch.dtype | None = None
+    backend: str,
+    device: torch.device,
+    *,
+    dtype: torch.dtype | None = None,
+    dims: tuple[int, int] | None = None,
 ) -> str:
     """The backend ``log_linear_attn`` runs for this request (one rule, used by the mixers too).
 
-    ``"auto"`` is the Triton kernel on CUDA and the chunked torch code elsewhere; fp64 inputs,
-    which the kernels do not take, go to torch, which computes the same function. An explicit
-    backend is returned as is, or refused with the reason.
+    ``"auto"`` is the Triton kernel on CUDA and the chunked torch code elsewhere; what the
+    kernels do not take (fp64 inputs, head sizes ``dims = (K, V)`` outside 16/32/64/128) goes
+    to torch, which computes the same function. An explicit backend is returned as is, or
+    refused with the reason.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    unsupported = "fp64 inputs" if dtype == torch.float64 else None
+    unsupported = None
+    if dtype == torch.float64:
+        unsupported = "fp64 inputs"
+    elif dims is not None and not all(d in TRITON_HEAD_DIMS for d in dims):
+        unsupported = f"head sizes K, V = {dims} (it takes {TRITON_HEAD_DIMS})"
     if backend == "auto":
         if device.type == "cuda" and triton_available(device) and unsupported is None:
             return "triton"
@@ -87,7 +96,7 @@ def log_linear_attn(
     """
     check_inputs(q, k, v, g, lam, scale, initial_state)
     stateful = initial_state is not None or output_final_state
-    name = resolve_backend(backend, q.device, dtype=q.dtype)
+    name = resolve_backend(backend, q.device, dtype=q.dtype, dims=(q.shape[-1], v.shape[-1]))
     if cu_seqlens is not None:
         return _varlen(q, k, v, g, lam, scale, cu_seqlens, stateful, name), None
     args = (q, k, v, g, lam, scale, initial_state, output_final_state)

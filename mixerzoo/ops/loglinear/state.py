@@ -19,6 +19,10 @@ import torch
 __all__ = ["LogLinearState", "num_levels", "bit_length", "compute_dtype", "check_inputs"]
 
 
+# Head sizes the Triton kernels are compiled for (tile shapes must be powers of two >= 16).
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+
+
 def num_levels(T: int) -> int:
     """Levels a sequence of ``T`` tokens (from position 0) uses: ``ceil(log2 T) + 1``."""
     if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 1:

@@ -63,17 +63,22 @@ def _read_state(q, g_cum, lam, levels, scale: float) -> torch.Tensor:
     return out
 
 
-def _advance_state(levels, p: int, k, v, g_cum) -> torch.Tensor:
-    """The state at ``p + n`` from the state at ``p`` and the block's keys: [B, H, n', K, V]."""
+def _advance_state(levels, p: int, k, v, g) -> torch.Tensor:
+    """The state at ``p + n`` from the state at ``p`` and the block's keys and log-decays
+    ``g [B, n, H]``: [B, H, n', K, V]."""
     B, n, H, V = v.shape
     e = p + n
-    tot = g_cum[:, -1]  # [B, H]
+    tot = g.sum(1)  # [B, H]
     # as the other backends: a state never loses the (zero) levels it was given
     new = [0] * max(e.bit_length(), levels.shape[2])
     jump = (e ^ p).bit_length()  # old bucket j lands at max(j + 1, jump) − 1
     for j in range(levels.shape[2]):
         new[max(j + 1, jump) - 1] = new[max(j + 1, jump) - 1] + torch.exp(tot)[..., None, None] * levels[:, :, j]
-    kw = _per_head(k, H) * torch.exp(tot[:, None] - g_cum)[..., None]
+    # decay of key s to the block's end, Σ_{u>s} g_u, as a suffix sum (not tot − G_s, which
+    # loses fp32 digits when both are large)
+    after = torch.zeros_like(g)
+    after[:, :-1] = g[:, 1:].flip(1).cumsum(1).flip(1)
+    kw = _per_head(k, H) * torch.exp(after)[..., None]
     vf = v.float()
     for j in _bits(e):
         base = (e >> (j + 1)) << (j + 1)
@@ -107,6 +112,6 @@ def triton_log_linear_attn_stateful(
             o = (o.float() + _read_state(q[:, piece], g_cum, lam_b, levels, scale)).to(v.dtype)
         outs.append(o)
         if e < start + T or output_final_state:
-            levels = _advance_state(levels, p, k[:, piece], v[:, piece], g_cum)
+            levels = _advance_state(levels, p, k[:, piece], v[:, piece], gb)
     o = torch.cat(outs, dim=1)
     return o, (LogLinearState(levels, start + T) if output_final_state else None)

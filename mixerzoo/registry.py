@@ -354,5 +354,5 @@ def check_options(name: str, cls: type, options: dict[str, Any]) -> None:
     if unknown:
         raise RegistryError(
             f"mixer {name!r} ({cls.__name__}) got unknown option(s) {unknown}; "
-            f"accepted: {sorted(named)}"
+            f"accepted: {sorted(named)}. Known mixers: {REGISTRY.known()}"
         )

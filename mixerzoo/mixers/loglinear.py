@@ -112,7 +112,7 @@ class LogLinearMamba2(Mamba2):
         # q, k, v share one dtype in the op; x·dt is formed in fp32 and then cast to x's.
         v = (x.float() * dt[..., None]).to(x.dtype)
         # The op owns the choice; resolve_backend states it with the op's own rule.
-        name = resolve_backend(self.backend, x.device, dtype=x.dtype)
+        name = resolve_backend(self.backend, x.device, dtype=x.dtype, dims=(self.d_state, self.head_dim))
         o, final = log_linear_attn(
             C, B, v, A * dt, lam, scale=1.0, initial_state=state,
             output_final_state=want_state, backend=name,

@@ -356,3 +356,17 @@ def check_options(name: str, cls: type, options: dict[str, Any]) -> None:
             f"mixer {name!r} ({cls.__name__}) got unknown option(s) {unknown}; "
             f"accepted: {sorted(named)}. Known mixers: {REGISTRY.known()}"
         )
+
+
+def construct_mixer(cls: type, d_model: int, layer_idx: int, options: dict[str, Any], name: str | None = None):
+    """``cls(d_model, layer_idx=i, **options)``, a constructor's TypeError turned into a
+    RegistryError that names the mixer and the options it accepts."""
+    try:
+        return cls(d_model, layer_idx=layer_idx, **options)
+    except TypeError as e:
+        named, _ = accepted_options(cls)
+        raise RegistryError(
+            f"mixer {name or cls.__name__!r} ({cls.__name__}) could not be built with options "
+            f"{options}: {e}. Mixers are built as cls(d_model, layer_idx=i, **options); "
+            f"options it names: {sorted(named)}"
+        ) from e

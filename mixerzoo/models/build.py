@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..registry import check_options, class_for_layer, get_mixer_spec, resolve_mixer_class
+from ..registry import check_options, class_for_layer, construct_mixer, get_mixer_spec, resolve_mixer_class
 from .config import MixerZooConfig
 from .sizes import (
     get_size,
@@ -120,8 +120,7 @@ def param_rows(size: str, mixers: Sequence[str] | None = None, **kwargs: Any) ->
     import torch
 
     from ..registry import list_mixers
-    from .sizes import construct_mixer
-
+    
     target = param_target(size, kwargs.get("d_model"), kwargs.get("n_layers"))
     rows = []
     for name in mixers or list_mixers():

@@ -16,10 +16,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from ..registry import check_options, class_for_layer
+from ..registry import check_options, class_for_layer, construct_mixer
 from .backbone import Block, RMSNorm, SwiGLU
 from .config import MixerZooConfig
-from .sizes import construct_mixer
 
 
 def _build_mixer(layer: dict[str, Any], d_model: int, layer_idx: int) -> nn.Module:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..registry import RegistryError, accepted_options
+from ..registry import RegistryError, accepted_options, construct_mixer
 
 # Width step for solved MLP widths: multiples of 8 keep GPU matmuls aligned; a width that
 # misses the 1% band at that step (only at tiny sizes) falls back to the exact integer.
@@ -65,20 +65,6 @@ def mixer_param_count(cls: type, d_model: int, layer_idx: int, options: dict[str
     with torch.device("meta"):
         mixer = construct_mixer(cls, d_model, layer_idx, options, name)
     return sum(p.numel() for p in mixer.parameters())
-
-
-def construct_mixer(cls: type, d_model: int, layer_idx: int, options: dict[str, Any], name: str | None = None):
-    """``cls(d_model, layer_idx=i, **options)``, a constructor's TypeError turned into a
-    RegistryError that names the mixer and the options it accepts."""
-    try:
-        return cls(d_model, layer_idx=layer_idx, **options)
-    except TypeError as e:
-        named, _ = accepted_options(cls)
-        raise RegistryError(
-            f"mixer {name or cls.__name__!r} ({cls.__name__}) could not be built with options "
-            f"{options}: {e}. Mixers are built as cls(d_model, layer_idx=i, **options); "
-            f"options it names: {sorted(named)}"
-        ) from e
 
 
 def block_extra_params(d_model: int, mlp_hidden: int) -> int:

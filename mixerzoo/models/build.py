@@ -120,7 +120,6 @@ def param_rows(size: str, mixers: Sequence[str] | None = None, **kwargs: Any) ->
     import torch
 
     from ..registry import list_mixers
-    
     target = param_target(size, kwargs.get("d_model"), kwargs.get("n_layers"))
     rows = []
     for name in mixers or list_mixers():

@@ -7,8 +7,7 @@ block every pair's level ``bit_length(s ⊕ t)`` equals that of the block-local 
 the kernels compute the block exactly. What came before the block is the Fenwick state at
 offset ``p``: its bucket ``j`` (a set bit of ``p``, so ``2^j >= n``) meets every query of the
 block at level ``j + 1``, a ``q · S_j`` product per bucket. After the block the state is
-advanced to ``p + n``: old buckets and the block's keys are regrouped by
-``bucket(s) = bit_length((p + n) ⊕ s) − 1``, each bucket a contiguous range of keys.
+advanced to ``p + n`` by the torch backend's own final-state step.
 
 All glue is plain torch (fp32, differentiable); the kernels' own autograd handles the blocks.
 """
@@ -18,7 +17,8 @@ from __future__ import annotations
 import torch
 from einops import repeat
 
-from .state import LogLinearState
+from .chunked import _final_levels, _split_heads
+from .state import LogLinearState, bit_length, lam_as_4d
 from .triton_ops import triton_log_linear_attn
 
 
@@ -31,10 +31,6 @@ def dyadic_blocks(start: int, end: int) -> list[tuple[int, int]]:
         blocks.append((p, p + n))
         p += n
     return blocks
-
-
-def _bits(x: int) -> list[int]:
-    return [j for j in range(x.bit_length()) if (x >> j) & 1]
 
 
 def _per_head(x: torch.Tensor, H: int) -> torch.Tensor:
@@ -51,8 +47,8 @@ def _read_state(q, g_cum, lam, levels, scale: float) -> torch.Tensor:
     n = q.shape[1]
     qh = _per_head(q, H)
     decay = torch.exp(g_cum) * scale  # [B, n, H]
-    local = torch.arange(n, device=q.device)
-    local_level = torch.frexp(local.double()).exponent  # bit_length(t ⊕ p) = bit_length(t − p)
+    # bit_length(t ⊕ p) = bit_length(t − p) for t in a dyadic block at p
+    local_level = bit_length(torch.arange(n, device=q.device))
     lam_e = lam.float().expand(lam.shape[0], n, lam.shape[2], L)
     out = 0
     for j in range(levels.shape[2]):
@@ -65,28 +61,9 @@ def _read_state(q, g_cum, lam, levels, scale: float) -> torch.Tensor:
 
 def _advance_state(levels, p: int, k, v, g) -> torch.Tensor:
     """The state at ``p + n`` from the state at ``p`` and the block's keys and log-decays
-    ``g [B, n, H]``: [B, H, n', K, V]."""
-    B, n, H, V = v.shape
-    e = p + n
-    tot = g.sum(1)  # [B, H]
-    # as the other backends: a state never loses the (zero) levels it was given
-    new = [0] * max(e.bit_length(), levels.shape[2])
-    jump = (e ^ p).bit_length()  # old bucket j lands at max(j + 1, jump) − 1
-    for j in range(levels.shape[2]):
-        new[max(j + 1, jump) - 1] = new[max(j + 1, jump) - 1] + torch.exp(tot)[..., None, None] * levels[:, :, j]
-    # decay of key s to the block's end, Σ_{u>s} g_u, as a suffix sum (not tot − G_s, which
-    # loses fp32 digits when both are large)
-    after = torch.zeros_like(g)
-    after[:, :-1] = g[:, 1:].flip(1).cumsum(1).flip(1)
-    kw = _per_head(k, H) * torch.exp(after)[..., None]
-    vf = v.float()
-    for j in _bits(e):
-        base = (e >> (j + 1)) << (j + 1)
-        lo, hi = max(base, p) - p, min(base + (1 << j), e) - p
-        if lo < hi:
-            new[j] = new[j] + torch.einsum("bnhk,bnhv->bhkv", kw[:, lo:hi], vf[:, lo:hi])
-    zero = levels.new_zeros(B, H, k.shape[-1], V)
-    return torch.stack([x if torch.is_tensor(x) else zero for x in new], dim=2)
+    ``g [B, n, H]``: [B, H, n', K, V] (the torch backend's own final-state step)."""
+    levels_in = _split_heads(levels, k.shape[2]) if levels.shape[2] else None
+    return _final_levels(k, v, g, p, levels_in, torch.float32)
 
 
 def triton_log_linear_attn_stateful(
@@ -100,7 +77,7 @@ def triton_log_linear_attn_stateful(
         levels = q.new_zeros(B, H, 0, K, V, dtype=torch.float32)
     else:
         levels = initial_state.levels.float()
-    lam4 = lam.reshape((1,) * (4 - lam.dim()) + tuple(lam.shape))
+    lam4 = lam_as_4d(lam)
     outs = []
     for p, e in dyadic_blocks(start, start + T):
         piece = slice(p - start, e - start)

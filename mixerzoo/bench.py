@@ -159,7 +159,16 @@ def run_kernel_bench(cfg: KernelBenchConfig, log: Callable[[str], None] = print)
     if not torch.cuda.is_available():
         raise RuntimeError("kernel benchmarks need a CUDA GPU")
     dt = getattr(torch, cfg.dtype)
-    rows = []
+    result = {
+        "config": asdict(cfg),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "rows": [],
+    }
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     for T in cfg.seq_lens:
         for name in cfg.kernels:
             row = {"kernel": name, "T": T, "B": cfg.tokens // T}
@@ -168,19 +177,10 @@ def run_kernel_bench(cfg: KernelBenchConfig, log: Callable[[str], None] = print)
             except (ImportError, RuntimeError, ValueError, NotImplementedError) as e:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 torch.cuda.empty_cache()
-            rows.append(row)
+            result["rows"].append(row)
             log(_row_line(row))
-    result = {
-        "config": asdict(cfg),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "rows": rows,
-    }
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps(result, indent=2))
+            # rewritten after every row: a sweep cut short keeps what it measured
+            (out / "kernels.json").write_text(json.dumps(result, indent=2))
     plot_bench(result, out / "kernels.png")
     return result
 

@@ -75,7 +75,8 @@ GPU_T = [1, 63, 64, 65, 1000, 4096, 16384]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)],
+                         ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("T", GPU_T, ids=[f"T{t}" for t in GPU_T])
 def test_triton_gpu_matches_torch(T, dtype, tol):
     inputs = make_inputs(1, T, 2, 4, 64, 64, 15, dtype=dtype, device="cuda")

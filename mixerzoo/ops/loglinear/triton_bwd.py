@@ -2,18 +2,23 @@
 
 With ``P_ts = λ[t, ℓ(t,s)] · exp(G_t − G_s) · scale · (q_t·k_s)(do_t·v_s)``:
 
-* query side (dq, dλ) reads the forward's node states, exactly as the forward does;
-* key side (dk, dv) needs, for every node N the forward reads, the gradient of its state,
+* key-side state gradients: for every node N the forward reads,
   ``dS_N = Σ_{t reads N} λ[t, ℓ_N] · exp(G_t − G_end(N)) · scale · q_t do_tᵀ``. The readers of
   N are the 2^h chunks of its right sibling, each weighting q by its own level's λ, so dS is
   summed per node (``_dstate``): one program per segment of ``SEG`` chunks and height, and,
   for nodes wider than a segment, a second pass (``_dstate_combine``) that adds the segments'
-  partial sums with their decays. Each key chunk then gathers the dS of the ≤ log(T/C) nodes
-  that contain it (``_bwd_inter_k``). The intra-chunk terms (``_bwd_intra``) and the query
-  side (``_bwd_inter_q``) are separate kernels so that no kernel holds more than a few
-  64×64 tiles live (one fused kernel spilled registers badly).
+  partial sums with their decays.
+* ``_bwd_q`` (query side): the intra-chunk block's dq and in-chunk dλ, then, for each set bit
+  of the chunk index, the node the forward read adds to dq and to dλ of that level.
+* ``_bwd_kv`` (key side): the intra-chunk block's dk and dv, then each key chunk gathers the
+  dS of the ≤ log(T/C) nodes that contain it.
+  Both recompute the 64×64 score tiles rather than pass fp32 partial gradients through
+  memory, and write dq, dk, dv once, in the input dtype, summed over the value heads of a
+  q/k group inside the program.
 * dg comes from ``dG_t = q_t·dq_t − k_t·dk_t`` (per value head) and a reverse cumsum, so it
-  costs no pass of its own.
+  costs no pass of its own. It is a small difference of large sums, so the products that feed
+  dq and dk with an fp32 operand (states, state gradients, the weighted score tile) keep it in
+  fp32 (tf32 products for bf16/fp16 inputs) instead of rounding it to bf16.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_fwd import _intra_weights, _level_lambda
+from .triton_fwd import _intra_decay, _intra_lambda, _level_lambda
 
 
 @triton.jit
@@ -59,7 +64,7 @@ def _dstate(
             gc = tl.cumsum(tl.load(g + (b * T + rows) * H + h, mask=rmask, other=0.0), 0)
             lrow = lam + b * slb + rows * slt + h * slh
             f = _level_lambda(lrow, rmask, LOG2C + 1 + hh, L, sl) * tl.exp(gc + dec) * scale
-            acc += tl.dot(tl.trans((qq.to(tl.float32) * f[:, None]).to(qq.dtype)), dd, input_precision=PREC)
+            acc += tl.dot(tl.trans(qq.to(tl.float32) * f[:, None]), dd.to(tl.float32), input_precision=PREC)
             dec += tl.load(totals + base + c)
             last = ((c + 1) & (span - 1)) == 0
             if last | (c == c_hi - 1):
@@ -97,142 +102,130 @@ def _dstate_combine(
     tl.store(dstate + node * K * V + tile, acc)
 
 
-@triton.jit
-def _bwd_intra(
-    q, k, v, g, lam, do, dq, dk, dv, dlam,
-    T, L, scale,
-    slb, slt, slh, sl,
-    H: tl.constexpr, HG: tl.constexpr, G: tl.constexpr,
-    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, LP: tl.constexpr,
-    LOG2C: tl.constexpr, PREC: tl.constexpr,
-):
-    """Gradients of the intra-chunk block: dq, dk, dv (fp32, per value head) and dλ of the
-    in-chunk levels (masked row sums of s·decay·dp, grouped by level)."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    b, h = i_bh // H, i_bh % H
-    rows = i_t * C + tl.arange(0, C)
-    rmask = rows < T
-    ck = tl.arange(0, K)
-    cv = tl.arange(0, V)
-    cl = tl.arange(0, LP)
-    qk_off = ((b * T + rows[:, None]) * G + h // HG) * K + ck[None, :]
-    vo_off = ((b * T + rows[:, None]) * H + h) * V + cv[None, :]
-    qq = tl.load(q + qk_off, mask=rmask[:, None], other=0.0)
-    kk = tl.load(k + qk_off, mask=rmask[:, None], other=0.0)
-    vv = tl.load(v + vo_off, mask=rmask[:, None], other=0.0)
-    dd = tl.load(do + vo_off, mask=rmask[:, None], other=0.0)
-    gc = tl.cumsum(tl.load(g + (b * T + rows) * H + h, mask=rmask, other=0.0), 0)
-    lrow = lam + b * slb + rows * slt + h * slh
-
-    s = tl.dot(qq, tl.trans(kk), input_precision=PREC) * scale
-    dp = tl.dot(dd, tl.trans(vv), input_precision=PREC)
-    w = _intra_weights(gc, lrow, rmask, L, sl, C, LOG2C)
-    dv_acc = tl.dot(tl.trans((s * w).to(dd.dtype)), dd, input_precision=PREC)
-    hv_off = ((b * T + rows[:, None]) * H + h) * V + cv[None, :]
-    tl.store(dv + hv_off, dv_acc, mask=rmask[:, None])
-    ds = (dp * w * scale).to(qq.dtype)
-    hk_off = ((b * T + rows[:, None]) * H + h) * K + ck[None, :]
-    tl.store(dq + hk_off, tl.dot(ds, kk, input_precision=PREC), mask=rmask[:, None])
-    tl.store(dk + hk_off, tl.dot(tl.trans(ds), qq, input_precision=PREC), mask=rmask[:, None])
-
-    ii = tl.arange(0, C)[:, None]
-    jj = tl.arange(0, C)[None, :]
-    causal = ii >= jj
-    sdp = s * dp * tl.exp(tl.where(causal, gc[:, None] - gc[None, :], float("-inf")))
-    x = ii ^ jj
-    dl_acc = tl.where(cl[None, :] == 0, tl.sum(tl.where(ii == jj, sdp, 0.0), 1)[:, None], 0.0)
-    for lev in tl.static_range(1, LOG2C + 1):
-        r = tl.sum(tl.where(((x >> (lev - 1)) == 1) & causal, sdp, 0.0), 1)
-        dl_acc += tl.where(cl[None, :] == tl.minimum(lev, L - 1), r[:, None], 0.0)
-    tl.store(dlam + ((b * T + rows[:, None]) * H + h) * L + cl[None, :], dl_acc, mask=rmask[:, None] & (cl[None, :] < L))
-
-
-@triton.jit
-def _bwd_inter_q(
-    q, g, lam, do, nodes, totals, hoff, dq, dlam,
+# NH stays a runtime value: specialised to the constant 1 (T = 65 … 128), Triton 3.6 fails to
+# compile _bwd_kv's level loop with tf32 products on Hopper ("PassManager::run failed")
+@triton.jit(do_not_specialize=["NH"])
+def _bwd_q(
+    q, k, v, g, lam, do, nodes, totals, hoff, dq, dlam, dgs,
     T, NNODES, NH, L, scale,
     slb, slt, slh, sl,
     H: tl.constexpr, HG: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, LP: tl.constexpr,
     LOG2C: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Query side of the inter-chunk levels: for each set bit of the chunk index, the node
-    the forward read adds to dq and to dλ of that level (adds to the intra results)."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    b, h = i_bh // H, i_bh % H
+    """dq (summed over the group's value heads), dλ of every level, and q·dq per value head
+    (the first half of dG), for one chunk and one q/k group."""
+    i_t, i_bg = tl.program_id(0), tl.program_id(1)
+    b, grp = i_bg // G, i_bg % G
     rows = i_t * C + tl.arange(0, C)
     rmask = rows < T
     ck = tl.arange(0, K)
     cv = tl.arange(0, V)
     cl = tl.arange(0, LP)
-    qq = tl.load(q + ((b * T + rows[:, None]) * G + h // HG) * K + ck[None, :], mask=rmask[:, None], other=0.0)
-    dd = tl.load(do + ((b * T + rows[:, None]) * H + h) * V + cv[None, :], mask=rmask[:, None], other=0.0)
-    gc = tl.cumsum(tl.load(g + (b * T + rows) * H + h, mask=rmask, other=0.0), 0)
-    lrow = lam + b * slb + rows * slt + h * slh
-    hk_off = ((b * T + rows[:, None]) * H + h) * K + ck[None, :]
-    dl_off = ((b * T + rows[:, None]) * H + h) * L + cl[None, :]
-    dl_mask = rmask[:, None] & (cl[None, :] < L)
-    dq_acc = tl.zeros([C, K], dtype=tl.float32)
-    dl_acc = tl.zeros([C, LP], dtype=tl.float32)
-    base = i_bh * NNODES
-    dec = 0.0
-    for hh in range(0, NH):
-        n = i_t >> hh
-        if n & 1:
-            node = base + tl.load(hoff + hh) + n - 1
-            st = tl.load(nodes + (node * K + ck[:, None]) * V + cv[None, :]).to(qq.dtype)
-            e = tl.exp(gc + dec) * scale
-            lam_l = _level_lambda(lrow, rmask, LOG2C + 1 + hh, L, sl)
-            dq_acc += (lam_l * e)[:, None] * tl.dot(dd, tl.trans(st), input_precision=PREC)
-            r_q = e * tl.sum(dd.to(tl.float32) * tl.dot(qq, st, input_precision=PREC), 1)
-            dl_acc += tl.where(cl[None, :] == tl.minimum(LOG2C + 1 + hh, L - 1), r_q[:, None], 0.0)
-            dec += tl.load(totals + node)
-    tl.store(dq + hk_off, tl.load(dq + hk_off, mask=rmask[:, None], other=0.0) + dq_acc, mask=rmask[:, None])
-    tl.store(dlam + dl_off, tl.load(dlam + dl_off, mask=dl_mask, other=0.0) + dl_acc, mask=dl_mask)
+    ii = tl.arange(0, C)[:, None]
+    jj = tl.arange(0, C)[None, :]
+    x = ii ^ jj
+    qk_off = ((b * T + rows[:, None]) * G + grp) * K + ck[None, :]
+    qq = tl.load(q + qk_off, mask=rmask[:, None], other=0.0)
+    kk = tl.load(k + qk_off, mask=rmask[:, None], other=0.0)
+    s = tl.dot(qq, tl.trans(kk), input_precision=PREC) * scale
+    qf = qq.to(tl.float32)
+    kf = kk.to(tl.float32)
+    dq_grp = tl.zeros([C, K], dtype=tl.float32)
+    for hg in range(HG):
+        h = grp * HG + hg
+        vo_off = ((b * T + rows[:, None]) * H + h) * V + cv[None, :]
+        vv = tl.load(v + vo_off, mask=rmask[:, None], other=0.0)
+        dd = tl.load(do + vo_off, mask=rmask[:, None], other=0.0)
+        gc = tl.cumsum(tl.load(g + (b * T + rows) * H + h, mask=rmask, other=0.0), 0)
+        lrow = lam + b * slb + rows * slt + h * slh
+        dp = tl.dot(dd, tl.trans(vv), input_precision=PREC)
+        dpd = dp * _intra_decay(gc, C)
+        sdp = s * dpd
+        ds = dpd * _intra_lambda(lrow, rmask, L, sl, C, LOG2C) * scale
+        dq_h = tl.dot(ds, kf, input_precision=PREC)
+        # in-chunk dλ: row sums of s·dp·decay over each level's block of columns
+        dl_acc = tl.where(cl[None, :] == 0, tl.sum(tl.where(x == 0, sdp, 0.0), 1)[:, None], 0.0)
+        for lev in tl.static_range(1, LOG2C + 1):
+            r = tl.sum(tl.where((x >> (lev - 1)) == 1, sdp, 0.0), 1)
+            dl_acc += tl.where(cl[None, :] == tl.minimum(lev, L - 1), r[:, None], 0.0)
+        # inter-chunk levels: one node per set bit of the chunk index, as in the forward
+        ddf = dd.to(tl.float32)
+        base = (b * H + h) * NNODES
+        dec = 0.0
+        for hh in range(0, NH):
+            n = i_t >> hh
+            if n & 1:
+                node = base + tl.load(hoff + hh) + n - 1
+                st = tl.load(nodes + (node * K + ck[:, None]) * V + cv[None, :])
+                e = tl.exp(gc + dec) * scale
+                lam_l = _level_lambda(lrow, rmask, LOG2C + 1 + hh, L, sl)
+                dq_h += (lam_l * e)[:, None] * tl.dot(ddf, tl.trans(st), input_precision=PREC)
+                r_q = e * tl.sum(ddf * tl.dot(qf, st, input_precision=PREC), 1)
+                dl_acc += tl.where(cl[None, :] == tl.minimum(LOG2C + 1 + hh, L - 1), r_q[:, None], 0.0)
+                dec += tl.load(totals + node)
+        tl.store(dlam + ((b * T + rows[:, None]) * H + h) * L + cl[None, :], dl_acc,
+                 mask=rmask[:, None] & (cl[None, :] < L))
+        tl.store(dgs + (b * H + h) * T + rows, tl.sum(qf * dq_h, 1), mask=rmask)
+        dq_grp += dq_h
+    tl.store(dq + qk_off, dq_grp.to(dq.dtype.element_ty), mask=rmask[:, None])
 
 
-@triton.jit
-def _bwd_inter_k(
-    q, k, v, g, dstate, totals, hoff, nsizes, dq, dk, dv, dgs,
-    T, NT, NNODES, NH,
+@triton.jit(do_not_specialize=["NH"])  # see _bwd_q
+def _bwd_kv(
+    q, k, v, g, lam, do, dstate, totals, hoff, nsizes, dk, dv, dgs,
+    T, NT, NNODES, NH, L, scale,
+    slb, slt, slh, sl,
     H: tl.constexpr, HG: tl.constexpr, G: tl.constexpr,
-    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    LOG2C: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Key side of the inter-chunk levels: for each clear bit of the chunk index, the state
-    gradient of the node holding this chunk adds to dk and dv. Last, dG = q·dq − k·dk."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    b, h = i_bh // H, i_bh % H
+    """dk (summed over the group's value heads) and dv, for one chunk and one q/k group;
+    completes dG = q·dq − k·dk per value head."""
+    i_t, i_bg = tl.program_id(0), tl.program_id(1)
+    b, grp = i_bg // G, i_bg % G
     rows = i_t * C + tl.arange(0, C)
     rmask = rows < T
     ck = tl.arange(0, K)
     cv = tl.arange(0, V)
-    qk_off = ((b * T + rows[:, None]) * G + h // HG) * K + ck[None, :]
+    qk_off = ((b * T + rows[:, None]) * G + grp) * K + ck[None, :]
+    qq = tl.load(q + qk_off, mask=rmask[:, None], other=0.0)
     kk = tl.load(k + qk_off, mask=rmask[:, None], other=0.0)
-    vv = tl.load(v + ((b * T + rows[:, None]) * H + h) * V + cv[None, :], mask=rmask[:, None], other=0.0)
-    gg = tl.load(g + (b * T + rows) * H + h, mask=rmask, other=0.0)
-    gc = tl.cumsum(gg, 0)
-    tot = tl.sum(gg, 0)
-    dk_acc = tl.zeros([C, K], dtype=tl.float32)
-    dv_acc = tl.zeros([C, V], dtype=tl.float32)
-    base = i_bh * NNODES
-    dec = 0.0  # log-decay from the end of this chunk to the end of the node at this height
-    for hh in range(0, NH):
-        n = i_t >> hh
-        if (n & 1) == 0:
-            off = tl.load(hoff + hh)
-            if ((n + 1) << hh) < NT:
-                dst = tl.load(dstate + ((base + off + n) * K + ck[:, None]) * V + cv[None, :]).to(kk.dtype)
-                e2 = tl.exp(tot - gc + dec)
-                dk_acc += e2[:, None] * tl.dot(vv, tl.trans(dst), input_precision=PREC)
-                dv_acc += e2[:, None] * tl.dot(kk, dst, input_precision=PREC)
-            if n + 1 < tl.load(nsizes + hh):
-                dec += tl.load(totals + base + off + n + 1)
-    hk_off = ((b * T + rows[:, None]) * H + h) * K + ck[None, :]
-    hv_off = ((b * T + rows[:, None]) * H + h) * V + cv[None, :]
-    dk_acc += tl.load(dk + hk_off, mask=rmask[:, None], other=0.0)
-    tl.store(dk + hk_off, dk_acc, mask=rmask[:, None])
-    tl.store(dv + hv_off, tl.load(dv + hv_off, mask=rmask[:, None], other=0.0) + dv_acc, mask=rmask[:, None])
-    qq = tl.load(q + qk_off, mask=rmask[:, None], other=0.0).to(tl.float32)
-    dqq = tl.load(dq + hk_off, mask=rmask[:, None], other=0.0)
-    dg = tl.sum(qq * dqq - kk.to(tl.float32) * dk_acc, 1)
-    tl.store(dgs + (b * T + rows) * H + h, dg, mask=rmask)
+    s = tl.dot(qq, tl.trans(kk), input_precision=PREC) * scale
+    qf = qq.to(tl.float32)
+    kf = kk.to(tl.float32)
+    dk_grp = tl.zeros([C, K], dtype=tl.float32)
+    for hg in range(HG):
+        h = grp * HG + hg
+        vo_off = ((b * T + rows[:, None]) * H + h) * V + cv[None, :]
+        vv = tl.load(v + vo_off, mask=rmask[:, None], other=0.0)
+        dd = tl.load(do + vo_off, mask=rmask[:, None], other=0.0)
+        gg = tl.load(g + (b * T + rows) * H + h, mask=rmask, other=0.0)
+        gc = tl.cumsum(gg, 0)
+        tot = tl.sum(gg, 0)
+        lrow = lam + b * slb + rows * slt + h * slh
+        w = _intra_lambda(lrow, rmask, L, sl, C, LOG2C) * _intra_decay(gc, C)
+        dp = tl.dot(dd, tl.trans(vv), input_precision=PREC)
+        dv_h = tl.dot(tl.trans((s * w).to(dd.dtype)), dd, input_precision=PREC)
+        dk_h = tl.dot(tl.trans(dp * w * scale), qf, input_precision=PREC)
+        # inter-chunk levels: each clear bit of the chunk index is a node holding this chunk
+        vf = vv.to(tl.float32)
+        base = (b * H + h) * NNODES
+        dec = 0.0  # log-decay from the end of this chunk to the end of the node at this height
+        for hh in range(0, NH):
+            n = i_t >> hh
+            if (n & 1) == 0:
+                off = tl.load(hoff + hh)
+                if ((n + 1) << hh) < NT:
+                    dst = tl.load(dstate + ((base + off + n) * K + ck[:, None]) * V + cv[None, :])
+                    e2 = tl.exp(tot - gc + dec)
+                    dk_h += e2[:, None] * tl.dot(vf, tl.trans(dst), input_precision=PREC)
+                    dv_h += e2[:, None] * tl.dot(kk, dst.to(kk.dtype), input_precision=PREC)
+                if n + 1 < tl.load(nsizes + hh):
+                    dec += tl.load(totals + base + off + n + 1)
+        tl.store(dv + vo_off, dv_h.to(dv.dtype.element_ty), mask=rmask[:, None])
+        dg_off = (b * H + h) * T + rows  # [B, H, T]: the reverse cumsum runs on the last dim
+        dg_h = tl.load(dgs + dg_off, mask=rmask, other=0.0) - tl.sum(kf * dk_h, 1)
+        tl.store(dgs + dg_off, dg_h, mask=rmask)
+        dk_grp += dk_h
+    tl.store(dk + qk_off, dk_grp.to(dk.dtype.element_ty), mask=rmask[:, None])

@@ -44,8 +44,10 @@ def _chunk_state(
     gg = tl.load(g + (b * T + rows) * H + h, mask=rmask, other=0.0)
     gc = tl.cumsum(gg, 0)
     tot = tl.sum(gg, 0)
-    kd = (kk.to(tl.float32) * tl.exp(tot - gc)[:, None]).to(kk.dtype)
-    s = tl.dot(tl.trans(kd), vv, input_precision=PREC)
+    # the decayed keys are an fp32 intermediate: keep them in fp32 (tf32 products for
+    # bf16/fp16 inputs), since the backward's dq reads these states
+    kd = kk.to(tl.float32) * tl.exp(tot - gc)[:, None]
+    s = tl.dot(tl.trans(kd), vv.to(tl.float32), input_precision=PREC)
     node = i_bh * NNODES + i_t
     tl.store(nodes + (node * K + ck[:, None]) * V + cv[None, :], s)
     if i_v == 0:
@@ -83,18 +85,30 @@ def _level_lambda(lrow, rmask, lev, L, sl):
 
 
 @triton.jit
-def _intra_weights(gc, lrow, rmask, L, sl, C: tl.constexpr, LOG2C: tl.constexpr):
-    """[C, C] weights λ[t, bit_length(i ⊕ j)] · exp(G_i − G_j) on the causal part, 0 above it."""
+def _intra_decay(gc, C: tl.constexpr):
+    """[C, C] ``exp(G_i − G_j)`` on the causal part, 0 above it."""
     ii = tl.arange(0, C)[:, None]
     jj = tl.arange(0, C)[None, :]
-    causal = ii >= jj
+    # mask before exp: above the diagonal G_i − G_j > 0 and could overflow to inf · 0 = nan
+    return tl.exp(tl.where(ii >= jj, gc[:, None] - gc[None, :], float("-inf")))
+
+
+@triton.jit
+def _intra_lambda(lrow, rmask, L, sl, C: tl.constexpr, LOG2C: tl.constexpr):
+    """[C, C] ``λ[i, bit_length(i ⊕ j)]`` (any value above the diagonal)."""
+    ii = tl.arange(0, C)[:, None]
+    jj = tl.arange(0, C)[None, :]
     x = ii ^ jj
-    w = tl.where(ii == jj, _level_lambda(lrow, rmask, 0, L, sl)[:, None], 0.0)
+    w = tl.where(x == 0, _level_lambda(lrow, rmask, 0, L, sl)[:, None], 0.0)
     for lev in tl.static_range(1, LOG2C + 1):
         w = tl.where((x >> (lev - 1)) == 1, _level_lambda(lrow, rmask, lev, L, sl)[:, None], w)
-    # mask before exp: above the diagonal G_i − G_j > 0 and could overflow to inf · 0 = nan
-    dec = tl.exp(tl.where(causal, gc[:, None] - gc[None, :], float("-inf")))
-    return tl.where(causal, w * dec, 0.0)
+    return w
+
+
+@triton.jit
+def _intra_weights(gc, lrow, rmask, L, sl, C: tl.constexpr, LOG2C: tl.constexpr):
+    """[C, C] weights λ[t, bit_length(i ⊕ j)] · exp(G_i − G_j) on the causal part, 0 above it."""
+    return _intra_lambda(lrow, rmask, L, sl, C, LOG2C) * _intra_decay(gc, C)
 
 
 @triton.jit

@@ -9,11 +9,12 @@ import torch
 import triton
 
 from .state import TRITON_HEAD_DIMS
-from .triton_bwd import _bwd_inter_k, _bwd_inter_q, _bwd_intra, _dstate, _dstate_combine
+from .triton_bwd import _bwd_kv, _bwd_q, _dstate, _dstate_combine
 from .triton_fwd import _chunk_state, _output, _tree_up
 
 CHUNK = 64  # rows per chunk: the 64×64 intra-chunk tile fills the tensor cores
 SEG = 16  # chunks per program when summing state gradients of wide nodes
+BWD_WARPS = 4  # of _bwd_q and _bwd_kv (8 was 1.4 ms slower at T = 2K on an H200)
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,14 @@ class TreeLayout:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get true fp32 products (tf32 would cost ~3e-4 relative error); bf16/fp16
-    # operands ignore the setting.
+    """``input_precision`` of the kernels' products.
+
+    fp32 inputs get true fp32 products (tf32 would cost ~3e-4 relative error). bf16/fp16
+    operands ignore the setting: a product of two inputs is exact in the fp32 accumulator.
+    An fp32 intermediate (a state, a state gradient, a weighted score tile) stays fp32 and is
+    multiplied in tf32 rather than rounded to bf16: 8× less rounding, which the backward's
+    dG = q·dq − k·dk (a small difference of large sums) needs.
+    """
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -96,7 +103,8 @@ def forward(q, k, v, g, lam, scale: float, C: int = CHUNK):
 
 
 def backward(q, k, v, g, lam, do, nodes, totals, scale: float, C: int = CHUNK, seg: int = SEG):
-    """dq, dk, dv, dg, dλ (dλ summed to λ's own, possibly broadcast, shape)."""
+    """dq, dk, dv (input dtype), dg (fp32), dλ (fp32, summed to λ's own, possibly broadcast,
+    shape)."""
     B, T, G, K = q.shape
     H, V = v.shape[2], v.shape[3]
     HG = H // G
@@ -106,6 +114,7 @@ def backward(q, k, v, g, lam, do, nodes, totals, scale: float, C: int = CHUNK, s
     hoff, nsizes = lay.tensors(q.device)
     prec = _precision(q.dtype)
     log2seg = int(math.log2(seg))
+    log2c = int(math.log2(C))
     nseg = triton.cdiv(lay.NT, seg)
     BV = min(V, 64)
     dstate = torch.empty_like(nodes)
@@ -116,43 +125,28 @@ def backward(q, k, v, g, lam, do, nodes, totals, scale: float, C: int = CHUNK, s
             q, do, g, lamx, dstate, partial, totals, hoff,
             T, lay.NT, lay.n_nodes, nseg, B * H, L, scale, *lamx.stride(),
             H=H, HG=HG, G=G, K=K, V=V, C=C, BV=BV, SEG=seg, LOG2SEG=log2seg,
-            LOG2C=int(math.log2(C)), PREC=prec,
+            LOG2C=log2c, PREC=prec, num_warps=2,  # 2 warps: 3% faster fwd+bwd at T = 2K than 4
         )
     for hh in range(log2seg + 1, lay.NH):
         _dstate_combine[(lay.sizes[hh] // 2, V // BV, B * H)](
             dstate, partial, totals, hoff, hh, lay.NT, lay.n_nodes, nseg, B * H,
             K=K, V=V, BV=BV, LOG2SEG=log2seg,
         )
-    f32 = dict(device=q.device, dtype=torch.float32)
-    dq = torch.empty(B, T, H, K, **f32)
-    dk = torch.empty(B, T, H, K, **f32)
-    dv = torch.empty(B, T, H, V, **f32)
-    dlam = torch.empty(B, T, H, L, **f32)
-    dgs = torch.empty(B, T, H, **f32)
-    common = dict(H=H, HG=HG, G=G, K=K, V=V, C=C)
-    lp = triton.next_power_of_2(L)
-    log2c = int(math.log2(C))
-    _bwd_intra[(lay.NT, B * H)](
-        q, k, v, g, lamx, do, dq, dk, dv, dlam, T, L, scale, *lamx.stride(),
-        LP=lp, LOG2C=log2c, PREC=prec, num_warps=8, **common,
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dlam = torch.empty(B, T, H, L, device=q.device, dtype=torch.float32)
+    dgs = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    common = dict(H=H, HG=HG, G=G, K=K, V=V, C=C, LOG2C=log2c, PREC=prec, num_warps=BWD_WARPS)
+    _bwd_q[(lay.NT, B * G)](
+        q, k, v, g, lamx, do, nodes, totals, hoff, dq, dlam, dgs,
+        T, lay.n_nodes, lay.NH, L, scale, *lamx.stride(), LP=triton.next_power_of_2(L), **common,
     )
-    if lay.NH > 0:
-        _bwd_inter_q[(lay.NT, B * H)](
-            q, g, lamx, do, nodes, totals, hoff, dq, dlam, T, lay.n_nodes, lay.NH, L, scale,
-            *lamx.stride(), LP=lp, LOG2C=log2c, PREC=prec, **common,
-        )
-    _bwd_inter_k[(lay.NT, B * H)](
-        q, k, v, g, dstate, totals, hoff, nsizes, dq, dk, dv, dgs, T, lay.NT, lay.n_nodes, lay.NH,
-        PREC=prec, **common,
+    _bwd_kv[(lay.NT, B * G)](
+        q, k, v, g, lamx, do, dstate, totals, hoff, nsizes, dk, dv, dgs,
+        T, lay.NT, lay.n_nodes, lay.NH, L, scale, *lamx.stride(), **common,
     )
-    # value heads sharing a q/k group add their gradients (nothing to add when G = H)
-    if HG > 1:
-        dq = dq.view(B, T, G, HG, K).sum(3)
-        dk = dk.view(B, T, G, HG, K).sum(3)
     # dG_t = q_t·dq_t − k_t·dk_t, and g enters G through a cumsum: dg is its reverse cumsum
-    # (scan along the contiguous last dim: torch's scan over dim 1 of [B, T, H] is ~100× slower)
-    dgt = dgs.transpose(1, 2).contiguous()
-    dg = dgt.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
+    # (dG is laid out [B, H, T] for it: torch's scan over dim 1 of [B, T, H] is ~100× slower)
+    dg = dgs.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
     return dq, dk, dv, dg, dlam.sum_to_size(lam.shape)
 
 
@@ -171,7 +165,7 @@ class LogLinearAttnTriton(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, g, lam, nodes, totals = ctx.saved_tensors
         dq, dk, dv, dg, dlam = backward(q, k, v, g, lam, do.contiguous(), nodes, totals, ctx.scale, ctx.chunk_size, ctx.seg)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(ctx.g_dtype), dlam.to(lam.dtype), None, None, None
+        return dq, dk, dv, dg.to(ctx.g_dtype), dlam.to(lam.dtype), None, None, None
 
 
 def triton_log_linear_attn(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -241,8 +242,56 @@ def test_time_limit_in_training(tmp_path):
                      out_dir=None, progress=False)
     )
     (run,) = results["runs"]
-    assert run["stop_reason"] == "time_limit" and run["steps"] == 1 and len(run["history"]) == 1
-    assert results["files"] == {}
+    # the first step (kernel compilation) is not counted: the cap stops the run at step 2
+    assert run["stop_reason"] == "time_limit" and run["steps"] == 2 and len(run["history"]) == 1
+    assert results["files"] == {} and results["complete"]
+
+
+class _SlowFirstStep(torch.nn.Module):
+    """A model whose first forward pass takes 0.3 s, as a kernel compilation would."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, vocab)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(0.3)
+        return SimpleNamespace(logits=self.embed(x))
+
+
+def test_time_limit_does_not_count_the_first_step(tmp_path):
+    cfg = micro_config(tmp_path, max_steps=6, eval_every=3, time_limit_s=0.25, out_dir=None,
+                       progress=False)
+    task = cfg.task_for(16)
+    eval_set = task.build(cfg.eval_seed).batches(2, 8)
+    record = train_one(_SlowFirstStep(task.vocab_size), task, eval_set, cfg, lr=1e-3, seed=0,
+                       device=torch.device("cpu"))
+    assert record["stop_reason"] == "max_steps" and record["steps"] == 6
+    assert record["first_step_s"] >= 0.3 and record["time_s"] >= record["first_step_s"]
+
+
+def test_interrupted_sweep_keeps_finished_runs(tmp_path, monkeypatch):
+    import mixerzoo.evals.synthetic as synthetic
+
+    real_build, built = synthetic._build, []
+
+    def build_then_fail(*args, **kwargs):
+        built.append(1)
+        if len(built) == 3:
+            raise KeyboardInterrupt  # the sweep is stopped during its third run
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "_build", build_then_fail)
+    cfg = micro_config(tmp_path, max_steps=4, eval_every=2, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_synthetic(cfg)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["complete"] is False and len(data["runs"]) == 2
+    with open(tmp_path / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
 
 
 class _NaNModel(torch.nn.Module):

@@ -14,7 +14,9 @@ accuracy is kept; the summary reports its mean and spread over seeds, as Zoology
 Accuracy is per token at the labelled positions (argmax of the logits equals the label),
 counted over the whole evaluation set. Files written to ``out_dir``: ``results.json`` (the
 config, every run with its evaluation history, the summary), ``results.csv`` (one row per
-run), ``summary.csv`` (one row per mixer and point of the sweep) and ``accuracy.png``.
+run), ``summary.csv`` (one row per mixer and point of the sweep) and ``accuracy.png``. They
+are rewritten after every run (``"complete": false`` until the sweep ends), so a sweep that is
+stopped part-way keeps the runs it finished.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ class SyntheticRunConfig:
         max_steps, batch_size, warmup_frac, weight_decay, grad_clip, betas: optimisation.
         eval_every, eval_batches, eval_batch_size, eval_seed: the held-out evaluation.
         early_stop: stop a run once eval accuracy reaches this (Zoology-style 0.99).
-        time_limit_s: per-run wall-clock cap (``None``: none); hitting it is recorded.
+        time_limit_s: per-run wall-clock cap on training after the first step, which
+            compiles kernels (``None``: none); hitting it is recorded.
         device: "auto" or None (CUDA when present), "cpu", "cuda", "cuda:1", ...
         precision: "fp32", or "bf16" autocast on the forward pass.
         out_dir: where results are written (``None``: nothing written).
@@ -316,6 +319,7 @@ def train_one(
     stopper = EarlyStopper(cfg.early_stop)
     stop_reason, step, last_loss = "max_steps", 0, float("nan")
     start = time.perf_counter()
+    first_step_s = 0.0
     model.train()
     for step in range(1, cfg.max_steps + 1):
         inputs, labels = stream.sample(cfg.batch_size)
@@ -330,7 +334,14 @@ def train_one(
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
-        over_time = cfg.time_limit_s is not None and time.perf_counter() - start > cfg.time_limit_s
+        if step == 1:
+            # The first step compiles and autotunes kernels (a minute for some GPU paths); the
+            # time cap counts training from the end of it, so slow compilers are not cut short.
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            first_step_s = time.perf_counter() - start
+        over_time = (cfg.time_limit_s is not None and step > 1
+                     and time.perf_counter() - start - first_step_s > cfg.time_limit_s)
         if step % cfg.eval_every == 0 or step == cfg.max_steps or over_time:
             # The loss is read (a device sync) only here, at evaluation steps.
             last_loss = loss.item()
@@ -358,6 +369,7 @@ def train_one(
         "best_step": stopper.best_step,
         "final_loss": last_loss,
         "time_s": time.perf_counter() - start,
+        "first_step_s": first_step_s,
         "history": [{"step": s, "acc": a} for s, a in stopper.history],
     }
 
@@ -402,12 +414,12 @@ def resolve_mixers(mixers: tuple[str, ...]) -> list[str]:
 
 
 def run_synthetic(config: SyntheticRunConfig) -> dict[str, Any]:
-    """Run the sweep; returns ``{"config", "environment", "runs", "summary", "param_spread",
-    "files"}`` and writes the files when ``config.out_dir`` is set.
+    """Run the sweep; returns ``{"config", "environment", "complete", "runs", "summary",
+    "param_spread", "files"}`` and writes the files when ``config.out_dir`` is set.
 
     Every run record holds: mixer, seq_len, d_model, x, seed, lr, steps, stop_reason,
-    final_acc, best_acc, best_step, final_loss, time_s, params (non-embedding), params_total,
-    selected (best lr of its group), history (eval step and accuracy).
+    final_acc, best_acc, best_step, final_loss, time_s, first_step_s (compilation included),
+    params (non-embedding), params_total, selected (best lr of its group), history (eval step and accuracy).
     """
     from tqdm.auto import tqdm
 
@@ -466,25 +478,35 @@ def run_synthetic(config: SyntheticRunConfig) -> dict[str, Any]:
                                         refresh=False)
                         bar.update(1)
                         del model
+                        if cfg.out_dir is not None and len(runs) < total:
+                            # a sweep stopped part-way (killed, out of time) keeps its runs
+                            write_results(_collect(cfg, device, mixers, runs, complete=False),
+                                          cfg.out_dir)
     finally:
         bar.close()
 
+    results = _collect(cfg, device, mixers, runs, complete=True)
+    if cfg.out_dir is not None:
+        results["files"] = write_results(results, cfg.out_dir)
+    return results
+
+
+def _collect(cfg: SyntheticRunConfig, device: torch.device, mixers: list[str],
+             runs: list[dict[str, Any]], *, complete: bool) -> dict[str, Any]:
     select_best_lr(runs)
-    results = {
+    return {
         "config": {**cfg.to_dict(), "mixers": mixers, "device": str(device)},
         "environment": {
             "torch": torch.__version__,
             "python": platform.python_version(),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         },
+        "complete": complete,
         "runs": runs,
         "summary": summarise(runs),
         "param_spread": param_spread(runs),
         "files": {},
     }
-    if cfg.out_dir is not None:
-        results["files"] = write_results(results, cfg.out_dir)
-    return results
 
 
 def _throttled_refresh(bar: Any, every_s: float = 0.5) -> None:
@@ -517,7 +539,7 @@ def _width(model: torch.nn.Module) -> int | None:
 
 RUN_COLUMNS = (
     "mixer", "seq_len", "d_model", "x", "seed", "lr", "selected", "steps", "stop_reason",
-    "final_acc", "best_acc", "best_step", "final_loss", "time_s", "params", "params_total",
+    "final_acc", "best_acc", "best_step", "final_loss", "time_s", "first_step_s", "params", "params_total",
 )
 SUMMARY_COLUMNS = (
     "mixer", "seq_len", "d_model", "x", "acc_mean", "acc_std", "n_seeds", "best_lrs", "params",

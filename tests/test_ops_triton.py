@@ -140,13 +140,16 @@ def test_triton_gpu_states(a, n):
     check_states(a, n, make_inputs(1, a + n, 2, 4, 64, 64, 15, device="cuda"), tol=1e-4)
 
 
-def test_triton_backend_in_a_model_decodes_like_its_forward():
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(ON_GPU, reason="the interpreter runs only without a GPU")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+])
+def test_triton_backend_in_a_model_decodes_like_its_forward(device):
     """A loglinear model on the Triton backend: prefill (a stateful kernel call) plus steps
     reproduce the tokens of repeated full forwards."""
     import mixerzoo
 
     torch.manual_seed(0)
-    device = "cuda" if ON_GPU else "cpu"
     model = mixerzoo.build_model("loglinear_adaptive", size="tiny", vocab_size=50,
                                  mixer_options={"backend": "triton"}).to(device).eval()
     prompt = torch.randint(0, 50, (2, 21), device=device)

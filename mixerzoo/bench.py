@@ -9,7 +9,6 @@ and a log-log PNG; ``format_bench_table`` prints them.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .files import write_json_atomic
 
 
 @dataclass(kw_only=True)
@@ -37,6 +38,8 @@ class KernelBenchConfig:
         unknown = set(self.kernels) - set(KERNELS)
         if unknown:
             raise ValueError(f"unknown kernels {sorted(unknown)}; known: {list(KERNELS)}")
+        if not self.seq_lens or not self.kernels:
+            raise ValueError("give at least one sequence length and one kernel")
         for t in self.seq_lens:
             if t <= 0 or self.tokens % t:
                 raise ValueError(f"tokens ({self.tokens}) must be a multiple of every T; got T={t}")
@@ -165,6 +168,7 @@ def run_kernel_bench(cfg: KernelBenchConfig, log: Callable[[str], None] = print)
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "complete": False,
         "rows": [],
     }
     out = Path(cfg.out_dir)
@@ -180,7 +184,9 @@ def run_kernel_bench(cfg: KernelBenchConfig, log: Callable[[str], None] = print)
             result["rows"].append(row)
             log(_row_line(row))
             # rewritten after every row: a sweep cut short keeps what it measured
-            (out / "kernels.json").write_text(json.dumps(result, indent=2))
+            write_json_atomic(out / "kernels.json", result)
+    result["complete"] = True
+    write_json_atomic(out / "kernels.json", result)
     plot_bench(result, out / "kernels.png")
     return result
 

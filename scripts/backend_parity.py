@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from mixerzoo import build_model
+from mixerzoo.files import write_json_atomic
 from mixerzoo.tasks import build_task
 
 
@@ -69,7 +70,7 @@ def main() -> None:
     summary = {"args": vars(args), "s_per_step": times, "max_rel_gap": max(gap),
                "mean_rel_gap": sum(gap) / len(gap), "final": {k: v[-1] for k, v in curves.items()},
                "curves": curves, "device": torch.cuda.get_device_name()}
-    (out / "parity.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(out / "parity.json", summary)
     import matplotlib
 
     matplotlib.use("Agg")

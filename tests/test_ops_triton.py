@@ -160,3 +160,20 @@ def test_triton_backend_in_a_model_decodes_like_its_forward(device):
             seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, seq)
     assert set(model.backends().values()) == {"triton"}
+
+
+def test_triton_refuses_what_it_cannot_compute():
+    from mixerzoo.ops.loglinear.triton_ops import check_index_range
+
+    q, k, v, g, lam = make_inputs(1, 8, 1, 2, 16, 16, 4)
+    with pytest.raises(ValueError, match="K, V in"):
+        triton_log_linear_attn(q[..., :12], k[..., :12], v, g, lam)
+    with pytest.raises(ValueError, match="fp32/bf16/fp16"):
+        triton_log_linear_attn(q.double(), k.double(), v.double(), g, lam)
+    with pytest.raises(ValueError, match="power of two"):
+        triton_log_linear_attn(q, k, v, g, lam, chunk_size=48)
+    # 32-bit offsets: 16 sequences of 16K tokens, 32 heads of 128 overflow the node tree; the
+    # error says how many sequences fit in one call
+    with pytest.raises(ValueError, match="at most 8 sequences"):
+        check_index_range(B=16, T=16384, H=32, K=128, V=128, L=15)
+    check_index_range(B=8, T=16384, H=32, K=128, V=128, L=15)

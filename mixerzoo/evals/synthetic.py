@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import platform
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from mixerzoo.files import write_json_atomic
 from mixerzoo.tasks import IGNORE_INDEX, SyntheticTask, build_task
 
 X_AXES = ("seq_len", "d_model")
@@ -479,9 +480,7 @@ def run_synthetic(config: SyntheticRunConfig) -> dict[str, Any]:
                         bar.update(1)
                         del model
                         if cfg.out_dir is not None and len(runs) < total:
-                            # a sweep stopped part-way (killed, out of time) keeps its runs
-                            write_results(_collect(cfg, device, mixers, runs, complete=False),
-                                          cfg.out_dir)
+                            _write_partial(cfg, device, mixers, runs)
     finally:
         bar.close()
 
@@ -489,6 +488,16 @@ def run_synthetic(config: SyntheticRunConfig) -> dict[str, Any]:
     if cfg.out_dir is not None:
         results["files"] = write_results(results, cfg.out_dir)
     return results
+
+
+def _write_partial(cfg: SyntheticRunConfig, device: torch.device, mixers: list[str],
+                   runs: list[dict[str, Any]]) -> None:
+    """Save the finished runs, so that a sweep stopped part-way (killed, out of time) keeps
+    them; a failure to save is reported and the sweep goes on."""
+    try:
+        write_results(_collect(cfg, device, mixers, runs, complete=False), cfg.out_dir)
+    except (OSError, ValueError, RuntimeError) as e:
+        warnings.warn(f"could not save the partial results to {cfg.out_dir}: {e}", stacklevel=2)
 
 
 def _collect(cfg: SyntheticRunConfig, device: torch.device, mixers: list[str],
@@ -569,9 +578,7 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, str
         x_axis=config["x_axis"],
         title=f"{config['task']['task']}: accuracy (best lr, mean ± std over seeds)",
     )
-    with open(files["json"], "w") as f:
-        json.dump(_jsonable(results), f, indent=2)
-        f.write("\n")
+    write_json_atomic(files["json"], _jsonable(results))
     return files
 
 

@@ -59,7 +59,7 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def check_triton_inputs(q, k, v, g, lam) -> None:
+def check_triton_inputs(q, k, v, g, lam, chunk_size: int = CHUNK) -> None:
     """Reasons the kernels cannot take these inputs, as a ValueError."""
     K, V = q.shape[-1], v.shape[-1]
     if K not in TRITON_HEAD_DIMS or V not in TRITON_HEAD_DIMS:
@@ -68,6 +68,19 @@ def check_triton_inputs(q, k, v, g, lam) -> None:
         raise ValueError(f"the Triton backend takes fp32/bf16/fp16 inputs, got {q.dtype}")
     if not (q.device == k.device == v.device == g.device == lam.device):
         raise ValueError("q, k, v, g and lam must be on the same device")
+    check_index_range(q.shape[0], q.shape[1], v.shape[2], K, V, lam.shape[-1], chunk_size)
+
+
+def check_index_range(B: int, T: int, H: int, K: int, V: int, L: int, C: int = CHUNK) -> None:
+    """The kernels index their tensors with 32-bit offsets: refuse calls whose largest buffer
+    (v, the node tree, dλ) has 2^31 elements or more, instead of wrapping around silently."""
+    per_seq = max(T * H * max(K, V), H * TreeLayout.of(T, C).n_nodes * K * V, T * H * L)
+    if B * per_seq >= 2**31:
+        raise ValueError(
+            f"the Triton backend indexes with 32-bit offsets and this call (B={B}, T={T}, H={H}, "
+            f"K={K}, V={V}) needs {B * per_seq:,} elements in one buffer; split the batch into "
+            f"calls of at most {(2**31 - 1) // per_seq} sequences"
+        )
 
 
 def _lam_view(lam: torch.Tensor, B: int, T: int, H: int) -> torch.Tensor:
@@ -176,13 +189,13 @@ def triton_log_linear_attn(
     ``chunk_size`` and ``seg`` (chunks per program in the state-gradient pass) are powers of
     two; tests shrink them to reach many tree heights at tiny T.
     """
-    check_triton_inputs(q, k, v, g, lam)
+    for name, val, lo in (("chunk_size", chunk_size, 16), ("seg", seg, 1)):
+        if val < lo or val & (val - 1):
+            raise ValueError(f"{name} must be a power of two >= {lo}, got {val}")
+    check_triton_inputs(q, k, v, g, lam, chunk_size)
     if q.dtype == torch.bfloat16 and not q.is_cuda:
         # The CPU interpreter's tl.dot is wrong on bf16 operands (Triton 3.9); run its bf16
         # calls in fp32 so that CPU tests of the kernel code check the kernel, not the emulator.
         o = triton_log_linear_attn(q.float(), k.float(), v.float(), g, lam.float(), scale, chunk_size, seg)
         return o.to(v.dtype)
-    for name, val, lo in (("chunk_size", chunk_size, 16), ("seg", seg, 1)):
-        if val < lo or val & (val - 1):
-            raise ValueError(f"{name} must be a power of two >= {lo}, got {val}")
     return LogLinearAttnTriton.apply(q, k, v, g, lam, float(scale), chunk_size, seg)

@@ -58,6 +58,7 @@ CPU_CASES = [
     (1, 17, 1, 2, 32, 16, 8, True),
     (1, 70, 2, 4, 16, 16, 8, False),
     (1, 100, 1, 2, 16, 16, 3, False),  # levels beyond the λ table reuse the top one
+    (1, 277, 1, 2, 16, 16, 6, False),  # 18 chunks: the tree grows above the fused heights
 ]
 
 
@@ -67,7 +68,8 @@ CPU_CASES = [
 def test_triton_interpreter_matches_naive(B, T, G, H, K, V, L, bcast):
     inputs = make_inputs(B, T, G, H, K, V, L, bcast=bcast)
     # chunk 16 and 2-chunk segments: T=100 has 7 chunks, three inter-chunk heights, and the
-    # segment-combining pass of the state gradients runs
+    # segment-combining pass of the state gradients runs; T=277 has 18 chunks, so the tree
+    # also has heights above the 8-chunk blocks its first kernel builds in registers
     check_against("naive", inputs, tol=1e-5, chunk_size=16, seg=2)
 
 

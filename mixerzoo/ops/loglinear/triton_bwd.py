@@ -38,7 +38,9 @@ def _dstate(
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
     SEG: tl.constexpr, LOG2SEG: tl.constexpr, LOG2C: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_sv, hh, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # heights vary fastest over the grid: the programs of one segment at every height run
+    # together and share its q and dO through L2 instead of reading them once per height
+    hh, i_sv, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NVB: tl.constexpr = V // BV
     i_s, i_v = i_sv // NVB, i_sv % NVB
     b, h = i_bh // H, i_bh % H
@@ -51,29 +53,37 @@ def _dstate(
     base = i_bh * NNODES
     acc = tl.zeros([K, BV], dtype=tl.float32)
     dec = 0.0
-    for c in range(c_lo, c_hi):
-        if (c >> hh) & 1:
-            # a new run of readers starts at the first chunk of the right sibling
-            fresh = (c & (span - 1)) == 0
-            acc = tl.where(fresh, 0.0, acc)
-            dec = tl.where(fresh, 0.0, dec)
-            rows = c * C + tl.arange(0, C)
-            rmask = rows < T
-            qq = tl.load(q + ((b * T + rows[:, None]) * G + h // HG) * K + ck[None, :], mask=rmask[:, None], other=0.0)
-            dd = tl.load(do + ((b * T + rows[:, None]) * H + h) * V + cv[None, :], mask=rmask[:, None], other=0.0)
-            gc = tl.cumsum(tl.load(g + (b * T + rows) * H + h, mask=rmask, other=0.0), 0)
-            lrow = lam + b * slb + rows * slt + h * slh
-            f = _level_lambda(lrow, rmask, LOG2C + 1 + hh, L, sl) * tl.exp(gc + dec) * scale
-            acc += tl.dot(tl.trans(qq.to(tl.float32) * f[:, None]), dd.to(tl.float32), input_precision=PREC)
-            dec += tl.load(totals + base + c)
-            last = ((c + 1) & (span - 1)) == 0
-            if last | (c == c_hi - 1):
-                if hh <= LOG2SEG:
-                    node = base + tl.load(hoff + hh) + (c >> hh) - 1
-                    tl.store(dstate + node * K * V + tile, acc)
-                else:
-                    hp = hh - LOG2SEG - 1
-                    tl.store(partial + (((hp * BH + i_bh) * NSEG + i_s) * K) * V + tile, acc)
+    # visit only the segment's chunks whose bit hh is set, in a loop without branches around
+    # its loads so that the compiler prefetches the next chunk's q and dO (a chunk past the
+    # sequence loads zeros and stores nothing)
+    short = hh < LOG2SEG  # runs of readers shorter than a segment: half its chunks
+    hs = tl.minimum(hh, LOG2SEG)
+    in_sibling = ((i_s >> tl.maximum(hh - LOG2SEG, 0)) & 1) == 1
+    n_it = tl.where(short, SEG // 2, tl.where(in_sibling, SEG, 0))
+    for idx in range(0, n_it):
+        c = tl.where(short, c_lo + ((idx >> hs) << (hs + 1)) + (1 << hs) + (idx & ((1 << hs) - 1)), c_lo + idx)
+        # a new run of readers starts at the first chunk of the right sibling
+        fresh = (c & (span - 1)) == 0
+        acc = tl.where(fresh, 0.0, acc)
+        dec = tl.where(fresh, 0.0, dec)
+        rows = c * C + tl.arange(0, C)
+        rmask = rows < T
+        qq = tl.load(q + ((b * T + rows[:, None]) * G + h // HG) * K + ck[None, :], mask=rmask[:, None], other=0.0)
+        dd = tl.load(do + ((b * T + rows[:, None]) * H + h) * V + cv[None, :], mask=rmask[:, None], other=0.0)
+        gc = tl.cumsum(tl.load(g + (b * T + rows) * H + h, mask=rmask, other=0.0), 0)
+        lrow = lam + b * slb + rows * slt + h * slh
+        f = _level_lambda(lrow, rmask, LOG2C + 1 + hh, L, sl) * tl.exp(gc + dec) * scale
+        acc += tl.dot(tl.trans(qq.to(tl.float32) * f[:, None]), dd.to(tl.float32), input_precision=PREC)
+        valid = c < c_hi
+        dec += tl.load(totals + base + c, mask=valid, other=0.0)
+        last = ((c + 1) & (span - 1)) == 0
+        if valid & (last | (c == c_hi - 1)):
+            if hh <= LOG2SEG:
+                node = base + tl.load(hoff + hh) + (c >> hh) - 1
+                tl.store(dstate + node * K * V + tile, acc)
+            else:
+                hp = hh - LOG2SEG - 1
+                tl.store(partial + (((hp * BH + i_bh) * NSEG + i_s) * K) * V + tile, acc)
 
 
 @triton.jit
@@ -160,11 +170,13 @@ def _bwd_q(
                 st = tl.load(nodes + (node * K + ck[:, None]) * V + cv[None, :])
                 e = tl.exp(gc + dec) * scale
                 lam_l = _level_lambda(lrow, rmask, LOG2C + 1 + hh, L, sl)
-                dq_h += (lam_l * e)[:, None] * tl.dot(ddf, tl.trans(st), input_precision=PREC)
-                r_q = e * tl.sum(ddf * tl.dot(qf, st, input_precision=PREC), 1)
+                # S·dO serves both: dq gains λe·(S·dO) and dλ gains e·q·(S·dO) = e·(q·S)·dO
+                sdo = tl.dot(ddf, tl.trans(st), input_precision=PREC)
+                dq_h += (lam_l * e)[:, None] * sdo
+                r_q = e * tl.sum(qf * sdo, 1)
                 dl_acc += tl.where(cl[None, :] == tl.minimum(LOG2C + 1 + hh, L - 1), r_q[:, None], 0.0)
                 dec += tl.load(totals + node)
-        tl.store(dlam + ((b * T + rows[:, None]) * H + h) * L + cl[None, :], dl_acc,
+        tl.store(dlam + ((b * T + rows[:, None]) * H + h) * L + cl[None, :], dl_acc.to(dlam.dtype.element_ty),
                  mask=rmask[:, None] & (cl[None, :] < L))
         tl.store(dgs + (b * H + h) * T + rows, tl.sum(qf * dq_h, 1), mask=rmask)
         dq_grp += dq_h

@@ -8,9 +8,9 @@ With chunk size C, chunk c's keys meet query chunk c' > c at level
 of that level form the aligned block of 2^h chunks just before the chunk's block at height h:
 a node of a binary tree over chunks. So the forward is three fully parallel steps:
 
-1. ``_chunk_state``: per chunk, ``S_c = Σ_s exp(G_end − G_s) k_s v_sᵀ`` (K×V, fp32) and its
-   total log-decay.
-2. ``_tree_up``: height by height, ``node = exp(total_right)·S_left + S_right``.
+1. ``_chunk_tree``: per chunk, ``S_c = Σ_s exp(G_end − G_s) k_s v_sᵀ`` (K×V, fp32) and its
+   total log-decay, and the tree's heights 1–3 over each block of 8 chunks, in registers.
+2. ``_tree_up``: each further height, ``node = exp(total_right)·S_left + S_right``.
 3. ``_output``: the intra-chunk block with the in-chunk level table, plus one ``q·S_node``
    product per set bit of the chunk index.
 
@@ -26,32 +26,85 @@ import triton.language as tl
 
 
 @triton.jit
-def _chunk_state(
-    k, v, g, nodes, totals,
-    T, NT, NNODES,
+def _chunk_tree(
+    k, v, g, nodes, totals, off1, off2, off3,
+    T, NT, NNODES, NHS,
     H: tl.constexpr, HG: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Chunk states and tree heights 1–3 for one block of 8 chunks (``offN``: where height N
+    starts in the node buffer; ``NHS`` heights exist).
+
+    The readers of the tree only ever load left (even) nodes; right nodes exist only to build
+    their parents. So inside the block the right nodes of heights 0–2 stay in registers and
+    are never written: this stores 7.5 instead of 14 node states per block, and the
+    ``_tree_up`` passes over heights 1–3 (a read and a write of every node) are gone. Height 3
+    is stored whole, since ``_tree_up`` builds height 4 from it. Every node's total is stored.
+    """
+    i_blk, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = i_bh // H, i_bh % H
-    rows = i_t * C + tl.arange(0, C)
-    rmask = rows < T
     ck = tl.arange(0, K)
     cv = i_v * BV + tl.arange(0, BV)
-    kk = tl.load(k + ((b * T + rows[:, None]) * G + h // HG) * K + ck[None, :], mask=rmask[:, None], other=0.0)
-    vv = tl.load(v + ((b * T + rows[:, None]) * H + h) * V + cv[None, :], mask=rmask[:, None], other=0.0)
-    gg = tl.load(g + (b * T + rows) * H + h, mask=rmask, other=0.0)
-    gc = tl.cumsum(gg, 0)
-    tot = tl.sum(gg, 0)
-    # the decayed keys are an fp32 intermediate: keep them in fp32 (tf32 products for
-    # bf16/fp16 inputs), since the backward's dq reads these states
-    kd = kk.to(tl.float32) * tl.exp(tot - gc)[:, None]
-    s = tl.dot(tl.trans(kd), vv.to(tl.float32), input_precision=PREC)
-    node = i_bh * NNODES + i_t
-    tl.store(nodes + (node * K + ck[:, None]) * V + cv[None, :], s)
-    if i_v == 0:
-        tl.store(totals + node, tot)
+    tile = ck[:, None] * V + cv[None, :]
+    base = i_bh * NNODES
+    acc = tl.zeros([K, BV], dtype=tl.float32)  # the node that starts at the block's chunk 0
+    acc4 = tl.zeros([K, BV], dtype=tl.float32)  # the height-1 node of chunks 4 and 5
+    zero = tl.sum(tl.zeros([2], dtype=tl.float32), 0)
+    t1, t2, t3 = zero, zero, zero  # totals of the open nodes of heights 1, 2, 3
+    for j in tl.static_range(8):
+        c = i_blk * 8 + j
+        if c < NT:
+            rows = c * C + tl.arange(0, C)
+            rmask = rows < T
+            kk = tl.load(k + ((b * T + rows[:, None]) * G + h // HG) * K + ck[None, :], mask=rmask[:, None], other=0.0)
+            vv = tl.load(v + ((b * T + rows[:, None]) * H + h) * V + cv[None, :], mask=rmask[:, None], other=0.0)
+            gg = tl.load(g + (b * T + rows) * H + h, mask=rmask, other=0.0)
+            gc = tl.cumsum(gg, 0)
+            tot = tl.sum(gg, 0)
+            # the decayed keys are an fp32 intermediate: keep them in fp32 (tf32 products for
+            # bf16/fp16 inputs), since the backward's dq reads these states
+            kd = kk.to(tl.float32) * tl.exp(tot - gc)[:, None]
+            s = tl.dot(tl.trans(kd), vv.to(tl.float32), input_precision=PREC)
+            if j % 2 == 0:
+                tl.store(nodes + (base + c) * K * V + tile, s)
+            acc = acc * tl.exp(tot) + s
+            if j == 4:
+                acc4 = s
+            if j == 5:
+                acc4 = acc4 * tl.exp(tot) + s
+            t1 += tot
+            t2 += tot
+            t3 += tot
+            last = c == NT - 1
+            is_v0 = i_v == 0
+            if is_v0:
+                tl.store(totals + base + c, tot)
+            # a node ends at its last chunk, or where the sequence ends
+            end1 = (j % 2 == 1) | last
+            end2 = (j % 4 == 3) | last
+            end3 = (j == 7) | last
+            if end1 & (NHS > 1):
+                n1 = base + off1 + (c >> 1)
+                if j // 2 == 0:
+                    tl.store(nodes + n1 * K * V + tile, acc)
+                if j // 2 == 2:
+                    tl.store(nodes + n1 * K * V + tile, acc4)
+                if is_v0:
+                    tl.store(totals + n1, t1)
+            if end2 & (NHS > 2):
+                n2 = base + off2 + (c >> 2)
+                if j // 4 == 0:
+                    tl.store(nodes + n2 * K * V + tile, acc)
+                if is_v0:
+                    tl.store(totals + n2, t2)
+            if end3 & (NHS > 3):
+                n3 = base + off3 + (c >> 3)
+                tl.store(nodes + n3 * K * V + tile, acc)
+                if is_v0:
+                    tl.store(totals + n3, t3)
+            t1 = tl.where(end1, 0.0, t1)
+            t2 = tl.where(end2, 0.0, t2)
 
 
 @triton.jit

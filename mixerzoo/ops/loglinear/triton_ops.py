@@ -10,10 +10,11 @@ import triton
 
 from .state import TRITON_HEAD_DIMS
 from .triton_bwd import _bwd_kv, _bwd_q, _dstate, _dstate_combine
-from .triton_fwd import _chunk_state, _output, _tree_up
+from .triton_fwd import _chunk_tree, _output, _tree_up
 
 CHUNK = 64  # rows per chunk: the 64×64 intra-chunk tile fills the tensor cores
 SEG = 16  # chunks per program when summing state gradients of wide nodes
+FUSED_HEIGHTS = 3  # tree heights built inside _chunk_tree (blocks of 2^3 chunks)
 BWD_WARPS = 4  # of _bwd_q and _bwd_kv (8 was 1.4 ms slower at T = 2K on an H200)
 
 
@@ -101,8 +102,11 @@ def forward(q, k, v, g, lam, scale: float, C: int = CHUNK):
     hoff, _ = lay.tensors(q.device)
     prec = _precision(q.dtype)
     meta = dict(H=H, HG=H // G, G=G, K=K, V=V, C=C, BV=BV)
-    _chunk_state[(lay.NT, V // BV, B * H)](k, v, g, nodes, totals, T, lay.NT, lay.n_nodes, PREC=prec, **meta)
-    for h in range(1, lay.NH):
+    offs = [lay.offsets[h] if h < len(lay.offsets) else 0 for h in (1, 2, 3)]
+    _chunk_tree[(triton.cdiv(lay.NT, 8), V // BV, B * H)](
+        k, v, g, nodes, totals, *offs, T, lay.NT, lay.n_nodes, len(lay.sizes), PREC=prec, **meta
+    )
+    for h in range(FUSED_HEIGHTS + 1, lay.NH):
         _tree_up[(lay.sizes[h], V // BV, B * H)](
             nodes, totals, lay.offsets[h - 1], lay.sizes[h - 1], lay.offsets[h], lay.n_nodes, K=K, V=V, BV=BV
         )
@@ -116,8 +120,8 @@ def forward(q, k, v, g, lam, scale: float, C: int = CHUNK):
 
 
 def backward(q, k, v, g, lam, do, nodes, totals, scale: float, C: int = CHUNK, seg: int = SEG):
-    """dq, dk, dv (input dtype), dg (fp32), dλ (fp32, summed to λ's own, possibly broadcast,
-    shape)."""
+    """dq, dk, dv (input dtype), dg (fp32), dλ (summed to λ's own, possibly broadcast, shape;
+    λ's dtype when λ is per token, else fp32)."""
     B, T, G, K = q.shape
     H, V = v.shape[2], v.shape[3]
     HG = H // G
@@ -134,7 +138,7 @@ def backward(q, k, v, g, lam, do, nodes, totals, scale: float, C: int = CHUNK, s
     n_partial = max(0, lay.NH - log2seg - 1)
     partial = torch.empty(max(n_partial, 1), B * H, nseg, K, V, device=q.device, dtype=torch.float32)
     if lay.NH > 0:
-        _dstate[(nseg * (V // BV), lay.NH, B * H)](
+        _dstate[(lay.NH, nseg * (V // BV), B * H)](
             q, do, g, lamx, dstate, partial, totals, hoff,
             T, lay.NT, lay.n_nodes, nseg, B * H, L, scale, *lamx.stride(),
             H=H, HG=HG, G=G, K=K, V=V, C=C, BV=BV, SEG=seg, LOG2SEG=log2seg,
@@ -146,7 +150,10 @@ def backward(q, k, v, g, lam, do, nodes, totals, scale: float, C: int = CHUNK, s
             K=K, V=V, BV=BV, LOG2SEG=log2seg,
         )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dlam = torch.empty(B, T, H, L, device=q.device, dtype=torch.float32)
+    # a per-token λ gets its gradient in its own dtype straight from the kernel; a broadcast
+    # one is summed to its shape in fp32 first
+    full = tuple(lam.shape) == (B, T, H, L)
+    dlam = torch.empty(B, T, H, L, device=q.device, dtype=lam.dtype if full else torch.float32)
     dgs = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     common = dict(H=H, HG=HG, G=G, K=K, V=V, C=C, LOG2C=log2c, PREC=prec, num_warps=BWD_WARPS)
     _bwd_q[(lay.NT, B * G)](

@@ -14,7 +14,7 @@ from .triton_fwd import _chunk_tree, _output, _tree_up
 
 CHUNK = 64  # rows per chunk: the 64×64 intra-chunk tile fills the tensor cores
 SEG = 16  # chunks per program when summing state gradients of wide nodes
-FUSED_HEIGHTS = 3  # tree heights built inside _chunk_tree (blocks of 2^3 chunks)
+FUSED_HEIGHTS = 3  # tree heights that _chunk_tree builds in registers (its blocks of 8 chunks)
 BWD_WARPS = 4  # of _bwd_q and _bwd_kv (8 was 1.4 ms slower at T = 2K on an H200)
 
 
@@ -23,7 +23,8 @@ class TreeLayout:
     """Where each height's nodes live in the flat node buffer.
 
     Heights 0..NH−1 are the ones a query chunk reads (NH = ceil(log2 NT)); height h has
-    ``ceil(NT / 2^h)`` nodes starting at ``offsets[h]``.
+    ``ceil(NT / 2^h)`` nodes starting at ``offsets[h]``. Readers only load left (even) nodes,
+    and below height FUSED_HEIGHTS the right nodes are never written: their slots hold garbage.
     """
 
     NT: int
@@ -102,8 +103,9 @@ def forward(q, k, v, g, lam, scale: float, C: int = CHUNK):
     hoff, _ = lay.tensors(q.device)
     prec = _precision(q.dtype)
     meta = dict(H=H, HG=H // G, G=G, K=K, V=V, C=C, BV=BV)
-    offs = [lay.offsets[h] if h < len(lay.offsets) else 0 for h in (1, 2, 3)]
-    _chunk_tree[(triton.cdiv(lay.NT, 8), V // BV, B * H)](
+    # heights 1..3 start here in the node buffer (0 where the tree is not that tall)
+    offs = [lay.offsets[h] if h < len(lay.offsets) else 0 for h in range(1, FUSED_HEIGHTS + 1)]
+    _chunk_tree[(triton.cdiv(lay.NT, 1 << FUSED_HEIGHTS), V // BV, B * H)](
         k, v, g, nodes, totals, *offs, T, lay.NT, lay.n_nodes, len(lay.sizes), PREC=prec, **meta
     )
     for h in range(FUSED_HEIGHTS + 1, lay.NH):

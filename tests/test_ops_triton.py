@@ -58,6 +58,7 @@ CPU_CASES = [
     (1, 17, 1, 2, 32, 16, 8, True),
     (1, 70, 2, 4, 16, 16, 8, False),
     (1, 100, 1, 2, 16, 16, 3, False),  # levels beyond the λ table reuse the top one
+    (1, 200, 1, 2, 16, 16, 5, False),  # 13 chunks: a partial second block of 8
     (1, 277, 1, 2, 16, 16, 6, False),  # 18 chunks: the tree grows above the fused heights
 ]
 
@@ -164,6 +165,55 @@ def test_triton_backend_in_a_model_decodes_like_its_forward(device):
     assert set(model.backends().values()) == {"triton"}
 
 
+class _NanEmpty:
+    """torch, except that empty() and empty_like() fill their buffers with NaN."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*a, **kw):
+        return torch.empty(*a, **kw).fill_(float("nan"))
+
+    @staticmethod
+    def empty_like(*a, **kw):
+        return torch.empty_like(*a, **kw).fill_(float("nan"))
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpreter test")
+@pytest.mark.parametrize("T", [16, 16 * 9 - 5, 16 * 18, 16 * 33 - 7])
+def test_triton_reads_only_what_it_wrote(T, monkeypatch):
+    """The node buffers are torch.empty and only the slots the readers use are written:
+    with every such buffer NaN-filled, a read of any other slot would poison the result."""
+    import mixerzoo.ops.loglinear.triton_ops as ops
+
+    monkeypatch.setattr(ops, "torch", _NanEmpty())
+    check_against("naive", make_inputs(1, T, 1, 2, 16, 16, 6), tol=1e-5, chunk_size=16, seg=2)
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpreter test")
+def test_triton_splits_a_batch_too_large_for_one_launch(monkeypatch):
+    import mixerzoo.ops.loglinear.triton_ops as ops
+
+    # a grid limit of 5 programs and H = 2: two sequences per launch, so B = 5 runs in 3 pieces
+    monkeypatch.setattr(ops, "GRID_LIMIT", 5)
+    assert ops.max_batch_per_call(40, 2, 16, 16, 4, 16) == 2
+    check_against("naive", make_inputs(5, 40, 1, 2, 16, 16, 4), tol=1e-5, chunk_size=16, seg=2)
+    check_against("naive", make_inputs(5, 40, 2, 2, 16, 16, 4, bcast=True), tol=1e-5, chunk_size=16, seg=2)
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpreter test")
+@pytest.mark.parametrize("lam_dtype", [torch.bfloat16, torch.float16])
+def test_triton_gives_dlam_in_lams_dtype(lam_dtype):
+    q, k, v, g, lam = make_inputs(2, 50, 1, 2, 16, 16, 5)
+    lam = lam.to(lam_dtype)
+    do = torch.randn_like(v)
+    _, gs = grads_of(lambda *x: triton_log_linear_attn(*x, scale=0.5, chunk_size=16, seg=2), (q, k, v, g, lam), do)
+    _, gs_ref = grads_of(lambda *x: log_linear_attn(*x, scale=0.5, backend="naive")[0], (q, k, v, g, lam), do, upcast=True)
+    assert gs[4].dtype == lam_dtype
+    assert rel_err(gs[4], gs_ref[4]) < 1e-2
+
+
 def test_triton_refuses_what_it_cannot_compute():
     from mixerzoo.ops.loglinear.triton_ops import check_index_range
 
@@ -175,7 +225,13 @@ def test_triton_refuses_what_it_cannot_compute():
     with pytest.raises(ValueError, match="power of two"):
         triton_log_linear_attn(q, k, v, g, lam, chunk_size=48)
     # 32-bit offsets: 16 sequences of 16K tokens, 32 heads of 128 overflow the node tree; the
-    # error says how many sequences fit in one call
+    # error says how many sequences fit in one launch (triton_log_linear_attn splits the batch)
     with pytest.raises(ValueError, match="at most 8 sequences"):
         check_index_range(B=16, T=16384, H=32, K=128, V=128, L=15)
     check_index_range(B=8, T=16384, H=32, K=128, V=128, L=15)
+    # B·H programs along a grid dimension: at most 65535
+    with pytest.raises(ValueError, match="at most 2047 sequences"):
+        check_index_range(B=2048, T=64, H=32, K=64, V=64, L=7)
+    # one sequence too long for a launch: nothing to split, so it is refused
+    with pytest.raises(ValueError, match="shorten the sequence"):
+        triton_log_linear_attn(*(x.expand(1, 2**27, *x.shape[2:]) for x in (q[:, :1], k[:, :1], v[:, :1], g[:, :1], lam[:, :1])))

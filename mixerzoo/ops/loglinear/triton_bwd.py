@@ -32,15 +32,17 @@ from .triton_fwd import _intra_decay, _intra_lambda, _level_lambda
 @triton.jit
 def _dstate(
     q, do, g, lam, dstate, partial, totals, hoff,
-    T, NT, NNODES, NSEG, BH, L, scale,
+    T, NT, NNODES, NSEG, NH, BH, L, scale,
     slb, slt, slh, sl,
     H: tl.constexpr, HG: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
     SEG: tl.constexpr, LOG2SEG: tl.constexpr, LOG2C: tl.constexpr, PREC: tl.constexpr,
 ):
     # heights vary fastest over the grid: the programs of one segment at every height run
-    # together and share its q and dO through L2 instead of reading them once per height
-    hh, i_sv, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # together and share its q and dO through L2 instead of reading them once per height.
+    # (Segments go in grid dimension x with the heights: y is capped at 65535.)
+    i_p, i_bh = tl.program_id(0), tl.program_id(1)
+    hh, i_sv = i_p % NH, i_p // NH
     NVB: tl.constexpr = V // BV
     i_s, i_v = i_sv // NVB, i_sv % NVB
     b, h = i_bh // H, i_bh % H

@@ -38,7 +38,7 @@ def _chunk_tree(
 
     The readers of the tree only ever load left (even) nodes; right nodes exist only to build
     their parents. So inside the block the right nodes of heights 0–2 stay in registers and
-    are never written: this stores 7.5 instead of 14 node states per block, and the
+    are never written: this stores 8 of a block's 15 node states (4 + 2 + 1 + 1), and the
     ``_tree_up`` passes over heights 1–3 (a read and a write of every node) are gone. Height 3
     is stored whole, since ``_tree_up`` builds height 4 from it. Every node's total is stored.
     """

@@ -14,7 +14,8 @@ from .triton_fwd import _chunk_tree, _output, _tree_up
 
 CHUNK = 64  # rows per chunk: the 64×64 intra-chunk tile fills the tensor cores
 SEG = 16  # chunks per program when summing state gradients of wide nodes
-FUSED_HEIGHTS = 3  # tree heights that _chunk_tree builds in registers (its blocks of 8 chunks)
+FUSED_HEIGHTS = 3  # fixed by _chunk_tree's code: it builds heights 1–3 over blocks of 8 chunks
+GRID_LIMIT = 65535  # CUDA's limit on grid dimensions y and z, which carry B·H or B·G
 BWD_WARPS = 4  # of _bwd_q and _bwd_kv (8 was 1.4 ms slower at T = 2K on an H200)
 
 
@@ -70,18 +71,30 @@ def check_triton_inputs(q, k, v, g, lam, chunk_size: int = CHUNK) -> None:
         raise ValueError(f"the Triton backend takes fp32/bf16/fp16 inputs, got {q.dtype}")
     if not (q.device == k.device == v.device == g.device == lam.device):
         raise ValueError("q, k, v, g and lam must be on the same device")
-    check_index_range(q.shape[0], q.shape[1], v.shape[2], K, V, lam.shape[-1], chunk_size)
+    check_index_range(1, q.shape[1], v.shape[2], K, V, lam.shape[-1], chunk_size)
+
+
+def max_batch_per_call(T: int, H: int, K: int, V: int, L: int, C: int = CHUNK) -> int:
+    """How many sequences one launch of the kernels can take.
+
+    The kernels index their tensors with 32-bit offsets, so the largest buffer (v, the node
+    tree, dλ) must stay under 2^31 elements; and B·H programs run along one grid dimension,
+    which CUDA caps at GRID_LIMIT.
+    """
+    per_seq = max(T * H * max(K, V), H * TreeLayout.of(T, C).n_nodes * K * V, T * H * L)
+    return min((2**31 - 1) // per_seq, GRID_LIMIT // H)
 
 
 def check_index_range(B: int, T: int, H: int, K: int, V: int, L: int, C: int = CHUNK) -> None:
-    """The kernels index their tensors with 32-bit offsets: refuse calls whose largest buffer
-    (v, the node tree, dλ) has 2^31 elements or more, instead of wrapping around silently."""
-    per_seq = max(T * H * max(K, V), H * TreeLayout.of(T, C).n_nodes * K * V, T * H * L)
-    if B * per_seq >= 2**31:
+    """Refuse a launch that would overflow 32-bit offsets or the grid, instead of wrapping
+    around silently or failing inside CUDA."""
+    fit = max_batch_per_call(T, H, K, V, L, C)
+    if B > fit:
         raise ValueError(
-            f"the Triton backend indexes with 32-bit offsets and this call (B={B}, T={T}, H={H}, "
-            f"K={K}, V={V}) needs {B * per_seq:,} elements in one buffer; split the batch into "
-            f"calls of at most {(2**31 - 1) // per_seq} sequences"
+            f"one launch of the Triton kernels takes at most {fit} sequences of T={T} with H={H}, "
+            f"K={K}, V={V} (32-bit offsets, at most {GRID_LIMIT} programs per grid dimension); "
+            f"got B={B}: split the batch into calls of at most {fit} sequences"
+            + ("" if fit else ", or shorten the sequence or use backend='torch'")
         )
 
 
@@ -95,6 +108,7 @@ def forward(q, k, v, g, lam, scale: float, C: int = CHUNK):
     """o ``[B, T, H, V]`` plus the tree (node states and totals) the backward reuses."""
     B, T, G, K = q.shape
     H, V = v.shape[2], v.shape[3]
+    check_index_range(B, T, H, K, V, lam.shape[-1], C)
     lay = TreeLayout.of(T, C)
     lamx = _lam_view(lam, B, T, H)
     BV = min(V, 64)
@@ -140,9 +154,9 @@ def backward(q, k, v, g, lam, do, nodes, totals, scale: float, C: int = CHUNK, s
     n_partial = max(0, lay.NH - log2seg - 1)
     partial = torch.empty(max(n_partial, 1), B * H, nseg, K, V, device=q.device, dtype=torch.float32)
     if lay.NH > 0:
-        _dstate[(lay.NH, nseg * (V // BV), B * H)](
+        _dstate[(lay.NH * nseg * (V // BV), B * H)](
             q, do, g, lamx, dstate, partial, totals, hoff,
-            T, lay.NT, lay.n_nodes, nseg, B * H, L, scale, *lamx.stride(),
+            T, lay.NT, lay.n_nodes, nseg, lay.NH, B * H, L, scale, *lamx.stride(),
             H=H, HG=HG, G=G, K=K, V=V, C=C, BV=BV, SEG=seg, LOG2SEG=log2seg,
             LOG2C=log2c, PREC=prec, num_warps=2,  # 2 warps: 3% faster fwd+bwd at T = 2K than 4
         )
@@ -196,12 +210,22 @@ def triton_log_linear_attn(
     """o ``[B, T, H, V]`` of log-linear attention by the Triton kernels (differentiable).
 
     ``chunk_size`` and ``seg`` (chunks per program in the state-gradient pass) are powers of
-    two; tests shrink them to reach many tree heights at tiny T.
+    two; tests shrink them to reach many tree heights at tiny T. A batch larger than one launch
+    can take (see ``max_batch_per_call``) runs in pieces.
     """
     for name, val, lo in (("chunk_size", chunk_size, 16), ("seg", seg, 1)):
         if val < lo or val & (val - 1):
             raise ValueError(f"{name} must be a power of two >= {lo}, got {val}")
     check_triton_inputs(q, k, v, g, lam, chunk_size)
+    B, T, H = q.shape[0], q.shape[1], v.shape[2]
+    fit = max_batch_per_call(T, H, q.shape[-1], v.shape[-1], lam.shape[-1], chunk_size)
+    if B > fit:
+        per_seq_lam = lam.dim() == 4 and lam.shape[0] == B
+        return torch.cat([
+            triton_log_linear_attn(q[i:i + fit], k[i:i + fit], v[i:i + fit], g[i:i + fit],
+                                   lam[i:i + fit] if per_seq_lam else lam, scale, chunk_size, seg)
+            for i in range(0, B, fit)
+        ])
     if q.dtype == torch.bfloat16 and not q.is_cuda:
         # The CPU interpreter's tl.dot is wrong on bf16 operands (Triton 3.9); run its bf16
         # calls in fp32 so that CPU tests of the kernel code check the kernel, not the emulator.

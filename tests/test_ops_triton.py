@@ -52,7 +52,9 @@ def check_against(ref_backend, inputs, tol, scale=0.5, **triton_kw):
 
 CPU_CASES = [
     # B, T, G, H, K, V, L, bcast
-    (1, 1, 1, 1, 16, 16, 1, False),
+    # T = 1: o is λ·(q·k)·v per head, one score each, so two sequences of two groups keep a
+    # single cancelling q·k (fp32 rounding ≫ 1e-5 of a tiny score) from deciding the error
+    (2, 1, 2, 2, 16, 16, 1, False),
     (1, 15, 1, 2, 16, 16, 4, False),
     (2, 16, 2, 2, 16, 32, 5, False),
     (1, 17, 1, 2, 32, 16, 8, True),

@@ -60,6 +60,20 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0 if worst <= 0.01 else 1
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text}")
+    return value
+
+
+def _time_limit(args: argparse.Namespace) -> dict:
+    """The --time-limit override: nothing when absent, no cap for 0."""
+    if args.time_limit is None:
+        return {}
+    return {"time_limit_s": args.time_limit or None}
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from .evals.synthetic import format_table, preset, run_synthetic
 
@@ -70,7 +84,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         "max_steps": args.steps,
         "seeds": tuple(range(args.seeds)) if args.seeds else None,
     }.items() if v is not None}
-    config = preset(args.preset, task=args.task, **overrides)
+    config = preset(args.preset, task=args.task, **overrides, **_time_limit(args))
     results = run_synthetic(config)
     print(format_table(results))
     return 0
@@ -79,7 +93,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .evals.synthetic import format_table, preset, run_synthetic
 
-    config = preset("demo", task="mqar", out_dir=args.out, device=args.device)
+    config = preset("demo", task="mqar", out_dir=args.out, device=args.device, **_time_limit(args))
     results = run_synthetic(config)
     print(format_table(results))
     return 0
@@ -125,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="results folder (JSON, CSV, PNG)")
     s.add_argument("--steps", type=int, default=None)
     s.add_argument("--seeds", type=int, default=None, help="number of seeds")
+    s.add_argument("--time-limit", type=_seconds, default=None, metavar="SECONDS",
+                   help="per-run training time cap (0: none; default: the preset's)")
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("bench", help="kernel speed and memory vs sequence length (needs a GPU)")
@@ -139,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="all six mixers on MQAR at a matched tiny size (CPU, minutes)")
     s.add_argument("--out", default="results/demo")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--time-limit", type=_seconds, default=None, metavar="SECONDS",
+                   help="per-run training time cap (0: none; default 30, which keeps the demo "
+                        "near five minutes on two idle cores)")
     s.set_defaults(func=cmd_demo)
     return p
 

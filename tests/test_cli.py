@@ -39,11 +39,19 @@ def test_unknown_mixer(capsys):
 def test_synth_writes_files(tmp_path, capsys):
     out = tmp_path / "s"
     code = main(["synth", "mqar", "--preset", "demo", "--mixers", "softmax", "--steps", "10",
-                 "--device", "cpu", "--out", str(out)])
+                 "--device", "cpu", "--out", str(out), "--time-limit", "0"])
     assert code == 0
     assert {"results.json", "results.csv", "summary.csv"} <= {p.name for p in out.iterdir()}
     assert any(p.suffix == ".png" for p in out.iterdir())
     assert "softmax" in capsys.readouterr().out
+    # --time-limit 0 lifts the demo preset's cap
+    assert json.loads((out / "results.json").read_text())["config"]["time_limit_s"] is None
+
+
+def test_synth_refuses_a_negative_time_limit(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["synth", "mqar", "--time-limit", "-1"])
+    assert e.value.code == 2 and "seconds >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")

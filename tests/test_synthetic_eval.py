@@ -246,6 +246,8 @@ def test_time_limit_in_training(tmp_path):
     # the first step (kernel compilation) is not counted: the cap stops the run at step 2
     assert run["stop_reason"] == "time_limit" and run["steps"] == 2 and len(run["history"]) == 1
     assert results["files"] == {} and results["complete"]
+    # the table says that accuracies come from runs the cap cut short
+    assert "1 of 1 runs were stopped by the 0 s time cap" in format_table(results)
 
 
 class _SlowFirstStep(torch.nn.Module):

@@ -647,6 +647,16 @@ def format_table(results: dict[str, Any]) -> str:
         blocks.append(
             f"non-embedding parameters differ across mixers by at most {max(spread.values()):.2%}"
         )
+    runs = results.get("runs") or []
+    capped = [r for r in runs if r.get("stop_reason") == "time_limit"]
+    if capped:
+        # the cap is wall-clock: on a busy machine the same runs get fewer steps
+        blocks.append(
+            f"{len(capped)} of {len(runs)} runs were stopped by the {config['time_limit_s']:g} s "
+            f"time cap before {config['max_steps']} steps (fewest: {min(r['steps'] for r in capped)}); "
+            "their accuracies come from shortened training and fall when the machine is busy. "
+            "Use --time-limit 0 for no cap."
+        )
     return "\n\n".join(blocks)
 
 

@@ -89,12 +89,16 @@ def check_index_range(B: int, T: int, H: int, K: int, V: int, L: int, C: int = C
     """Refuse a launch that would overflow 32-bit offsets or the grid, instead of wrapping
     around silently or failing inside CUDA."""
     fit = max_batch_per_call(T, H, K, V, L, C)
+    if fit == 0:
+        raise ValueError(
+            f"one sequence of T={T} with H={H}, K={K}, V={V} overflows the 32-bit offsets of the "
+            "Triton kernels: shorten the sequence (or continue it from a state) or use backend='torch'"
+        )
     if B > fit:
         raise ValueError(
             f"one launch of the Triton kernels takes at most {fit} sequences of T={T} with H={H}, "
             f"K={K}, V={V} (32-bit offsets, at most {GRID_LIMIT} programs per grid dimension); "
             f"got B={B}: split the batch into calls of at most {fit} sequences"
-            + ("" if fit else ", or shorten the sequence or use backend='torch'")
         )
 
 

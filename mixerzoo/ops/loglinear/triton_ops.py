@@ -112,7 +112,6 @@ def forward(q, k, v, g, lam, scale: float, C: int = CHUNK):
     """o ``[B, T, H, V]`` plus the tree (node states and totals) the backward reuses."""
     B, T, G, K = q.shape
     H, V = v.shape[2], v.shape[3]
-    check_index_range(B, T, H, K, V, lam.shape[-1], C)
     lay = TreeLayout.of(T, C)
     lamx = _lam_view(lam, B, T, H)
     BV = min(V, 64)

@@ -1,4 +1,4 @@
-"""The ``mixerzoo`` command: list, params, synth, bench, demo.
+"""The ``mixerzoo`` command: list, params, synth, train, eval, tokenizer, bench, demo.
 
 Thin by design: parse → call the library → print / write files. Nothing imports this module.
 """
@@ -99,6 +99,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+    from .train.cli_args import config_from_args
+
+    cfg, resume = config_from_args(args)
+    summary = train(cfg, resume=resume)
+    if summary.get("checkpoint"):
+        val = summary.get("val") or {}
+        tail = f", val loss {val['val_loss']:.4f}, {val['val_bpb']:.4f} bits/byte" if val else ""
+        print(f"trained {summary['step']} steps ({summary['tokens']:,} tokens){tail}")
+        print(f"checkpoint: {summary['checkpoint']}  (mixerzoo eval --model {cfg.out} --tasks mixerzoo_offline)")
+    return 0
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from .tasks.tokenizer import train_bpe
+
+    tok = train_bpe(args.data, args.vocab, args.out, text_field=args.text_field)
+    print(f"trained a byte-level BPE of {len(tok):,} tokens; wrote {args.out} (use --tokenizer {args.out})")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import KernelBenchConfig, format_bench_table, run_kernel_bench
 
@@ -143,6 +165,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-run training time cap (0: none; default: the preset's)")
     s.set_defaults(func=cmd_synth)
 
+    s = sub.add_parser("train", help="train a language model on text (torchrun for several GPUs)")
+    from .train.cli_args import add_train_arguments
+
+    add_train_arguments(s)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="lm-evaluation-harness on a checkpoint (every lm-eval flag passes through)",
+                       add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+
+    s = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on your own text (offline)")
+    s.add_argument("what", choices=["train"])
+    s.add_argument("--data", required=True, help="text file or folder, .jsonl, .parquet, or hf:NAME[:CONFIG]")
+    s.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000)")
+    s.add_argument("--out", required=True, help="folder for the tokenizer files")
+    s.add_argument("--text-field", default="text", help="JSONL / Parquet field holding the text")
+    s.set_defaults(func=cmd_tokenizer)
+
     s = sub.add_parser("bench", help="kernel speed and memory vs sequence length (needs a GPU)")
     s.add_argument("what", choices=["kernels"])
     s.add_argument("--seq-lens", default=None, help="comma-separated T values (default 2K..64K)")
@@ -163,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:
+        # lm-eval parses its own flags; ours are translated there (mixerzoo.evals.lm_eval).
+        from .evals.lm_eval import main as eval_main
+
+        return eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

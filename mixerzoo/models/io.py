@@ -41,3 +41,24 @@ def load_model(path: str | Path, **kwargs: Any):
     if bad:
         raise CheckpointError(f"{path}: checkpoint does not match its config: {bad}")
     return model
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The model folder that ``path`` names: a checkpoint folder itself (it holds
+    ``config.json``), or a training run folder, whose ``latest`` file names its newest
+    checkpoint under ``checkpoints/``."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    latest = path / "latest"
+    if latest.is_file():
+        name = latest.read_text().strip()
+        ckpt = path / "checkpoints" / name
+        if not (ckpt / "config.json").is_file():
+            raise CheckpointError(f"{latest} names {name!r}, but {ckpt} holds no config.json; "
+                                  "the run folder is damaged: point at a checkpoint folder directly")
+        return ckpt
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    raise CheckpointError(f"{path}: neither a checkpoint folder (config.json) nor a training run "
+                          "(a 'latest' file); pass the --out folder of `mixerzoo train` or a checkpoint in it")

@@ -1,0 +1,110 @@
+"""What a training run writes as it goes: ``metrics.jsonl``, ``loss.png``, TensorBoard.
+
+One JSON object per line: ``{"step", "loss", "lr", "grad_norm", "tokens", "tok_per_s"}`` for
+training steps and ``{"step", "val_loss", "val_bpb", "val_tokens"}`` for validations. A
+resumed run first drops the lines past its checkpoint, so the file reads as one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, *, enabled: bool = True, tensorboard: bool = False, truncate_after: int = 0):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.plot_path = run_dir / "loss.png"
+        self._buffer: list[dict[str, Any]] = []
+        self._tb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate(truncate_after)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from e
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=truncate_after + 1 if truncate_after else None)
+
+    def _truncate(self, after: int) -> None:
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and after and json.loads(line)["step"] <= after]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def train(self, step: int, values: dict[str, Any]) -> None:
+        if self.enabled:
+            self._buffer.append({"step": step, **values})
+            if self._tb is not None:
+                for k, v in values.items():
+                    if v is not None:
+                        self._tb.add_scalar(f"train/{k}", v, step)
+
+    def val(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._buffer.append({"step": step, **values})
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(f"val/{k}", v, step)
+        self.flush()
+        self.plot()
+
+    def flush(self) -> None:
+        if not self.enabled or not self._buffer:
+            return
+        with open(self.path, "a") as f:
+            for rec in self._buffer:
+                f.write(json.dumps(rec) + "\n")
+        self._buffer = []
+        if self._tb is not None:
+            self._tb.flush()
+
+    def plot(self) -> None:
+        if self.enabled and self.path.exists():
+            plot_loss(read_metrics(self.path), self.plot_path)
+
+    def close(self) -> None:
+        self.flush()
+        self.plot()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_loss(records: list[dict[str, Any]], out: str | Path, label: str | None = None) -> None:
+    """Training loss (and validation loss where present) against step, into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train and not val:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), lw=1, label=f"{label + ' ' if label else ''}train")
+    if val:
+        ax.plot(*zip(*val), "o-", ms=3, label=f"{label + ' ' if label else ''}validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(out).with_name(Path(out).stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, out)

@@ -91,6 +91,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.lm:
+        return _demo_lm(args)
     from .evals.synthetic import format_table, preset, run_synthetic
 
     config = preset("demo", task="mqar", out_dir=args.out, device=args.device, **_time_limit(args))
@@ -118,6 +120,31 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
     tok = train_bpe(args.data, args.vocab, args.out, text_field=args.text_field)
     print(f"trained a byte-level BPE of {len(tok):,} tokens; wrote {args.out} (use --tokenizer {args.out})")
+    return 0
+
+
+def _demo_lm(args: argparse.Namespace) -> int:
+    """A tiny LM on a generated corpus for about a minute on the CPU, then the bundled
+    lm-eval tasks on its checkpoint."""
+    import shutil
+
+    from .evals.lm_eval import evaluate, format_results
+    from .tasks.toy_text import write_corpus
+    from .train import TrainConfig, train
+
+    out = Path(args.out if args.out != "results/demo" else "results/demo_lm")
+    corpus = write_corpus(out / "corpus.jsonl", n_docs=3000)
+    run = out / "run"
+    shutil.rmtree(run, ignore_errors=True)  # the demo always starts afresh
+    cfg = TrainConfig(mixer=args.mixer, size="tiny", data=str(corpus), data_cache=str(out / "cache"),
+                      out=str(run), device=args.device, seq_len=128, batch_size=16, steps=args.steps,
+                      lr=3e-3, warmup_steps=30, val_fraction=0.05, val_every=max(args.steps // 2, 1),
+                      save_every=args.steps, log_every=25)
+    summary = train(cfg)
+    print(f"\nvalidation: loss {summary['val']['val_loss']:.4f} nats/token, "
+          f"{summary['val']['val_bpb']:.4f} bits/byte; loss curve {run / 'loss.png'}\n")
+    results = evaluate(str(run), ["mixerzoo_offline"], device=args.device, batch_size=8)
+    print(format_results(results))
     return 0
 
 
@@ -192,9 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="results/bench")
     s.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("demo", help="all six mixers on MQAR at a matched tiny size (CPU, minutes)")
-    s.add_argument("--out", default="results/demo")
+    s = sub.add_parser("demo", help="all six mixers on MQAR at a matched tiny size (CPU, minutes); "
+                                    "--lm: a tiny LM trained and run through lm-eval")
+    s.add_argument("--out", default="results/demo", help="results folder (--lm: results/demo_lm)")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--lm", action="store_true",
+                   help="train a tiny LM on a generated corpus (about a minute on a CPU), then evaluate it "
+                        "with the bundled lm-eval tasks")
+    s.add_argument("--mixer", default="loglinear_adaptive", help="--lm: the mixer to train")
+    s.add_argument("--steps", type=int, default=300, help="--lm: training steps")
     s.add_argument("--time-limit", type=_seconds, default=None, metavar="SECONDS",
                    help="per-run training time cap (0: none; default 30, which keeps the demo "
                         "near five minutes on two idle cores)")

@@ -26,11 +26,18 @@ def load_model(path: str | Path, **kwargs: Any):
     if not cfg.is_file():
         raise CheckpointError(f"{path}: no config.json; is this a save_pretrained folder?")
     try:
-        json.loads(cfg.read_text())
+        meta = json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg}: not valid JSON ({e}); the checkpoint is corrupt") from e
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise CheckpointError(f"{path}: no weight files (*.safetensors); the save did not finish")
+    if not isinstance(meta, dict) or meta.get("model_type") != "mixerzoo":
+        got = meta.get("model_type") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{cfg}: model_type is {got!r}, not 'mixerzoo'; this is not a mixerzoo "
+                              "checkpoint (load it with the library that wrote it)")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise CheckpointError(f"{path}: no weight files (model.safetensors); the save did not finish")
+    for w in weights:
+        _check_safetensors(w)
     try:
         model, info = MixerZooForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     except CheckpointError:
@@ -41,6 +48,18 @@ def load_model(path: str | Path, **kwargs: Any):
     if bad:
         raise CheckpointError(f"{path}: checkpoint does not match its config: {bad}")
     return model
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read the header of a weights file, so that a truncated or foreign file is named."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); "
+                              "the checkpoint is corrupt or was cut short") from e
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

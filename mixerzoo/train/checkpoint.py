@@ -90,8 +90,10 @@ def save_checkpoint(
             rng["cuda"] = torch.cuda.get_rng_state(d.device)
         save_file(rng, str(tmp / "trainer" / f"rng_rank{d.rank}.safetensors"))
         if d.is_main:
-            raw = model
-            raw.save_pretrained(tmp, state_dict={k: v.contiguous() for k, v in model_sd.items()})
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # its per-shard bar would break the training bar
+            model.save_pretrained(tmp, state_dict={k: v.contiguous() for k, v in model_sd.items()})
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             tensors, groups = _flatten_optimizer(optim_sd)

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, _Loader
 
 _HELP = {
     "mixer": "registry name (mixerzoo list)",
@@ -89,5 +89,5 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
 
 def _yaml_values(path: str) -> dict[str, Any]:
     cfg = TrainConfig.from_yaml(path)  # validates the keys
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = yaml.load(Path(path).read_text(), Loader=_Loader) or {}
     return {k: json.loads(json.dumps(cfg.to_dict()[k])) for k in raw}

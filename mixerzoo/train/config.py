@@ -29,6 +29,17 @@ IDENTITY_FIELDS = (
 )
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string; here it is the float everyone means."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    __import__("re").compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """Everything one ``mixerzoo train`` run needs. Defaults train a ``tiny`` model on a CPU.
@@ -79,10 +90,36 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+        self._coerce()
         self.mixer_options = dict(self.mixer_options or {})
-        if isinstance(self.betas, (list, tuple)):
-            self.betas = tuple(float(b) for b in self.betas)
+        if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in self.betas):
+            raise ConfigError(f"betas={self.betas!r}: must be two numbers in [0, 1)")
+        self.betas = tuple(float(b) for b in self.betas)
         self._check()
+
+    def _coerce(self) -> None:
+        """Check every field's type (an int is taken where a float is expected)."""
+        import types
+        import typing
+
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            v, tp = getattr(self, f.name), hints[f.name]
+            union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+            allowed = [a for a in typing.get_args(tp) if a is not type(None)] if union else [tp]
+            if v is None and union and type(None) in typing.get_args(tp):
+                continue
+            if float in allowed and isinstance(v, int) and not isinstance(v, bool):
+                setattr(self, f.name, float(v))
+                continue
+            ok = any(isinstance(v, typing.get_origin(a) or a) for a in allowed)
+            if bool not in allowed and isinstance(v, bool):
+                ok = False
+            if not ok:
+                names = " or ".join(getattr(typing.get_origin(a) or a, "__name__", str(a)) for a in allowed)
+                raise ConfigError(f"{f.name}={v!r}: must be of type {names}, got {type(v).__name__}")
 
     def _check(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:
@@ -141,7 +178,7 @@ class TrainConfig:
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.load(path.read_text(), Loader=_Loader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
         return cls.from_dict(values, source=str(path))

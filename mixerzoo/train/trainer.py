@@ -261,12 +261,14 @@ class Trainer:
                                             "--warmup-steps or keep --grad-clip on; the last checkpoint is intact")
                     if bar is not None:
                         bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{tok_s:,.0f}")
+                    elif d.is_main:  # no bar (logs, torchrun): one line per log step
+                        print(f"step {step}/{cfg.steps} loss {last:.4f} lr {lr_at(step, cfg):.2e} "
+                              f"{tok_s:,.0f} tok/s{_memory(d)}", flush=True)
                 if step % cfg.val_every == 0 or step == cfg.steps:
                     last_val = self.validate()
-                    if last_val is not None:
+                    if last_val is not None and d.is_main:
                         self.log.val(step, last_val)
-                        if bar is not None:
-                            bar.write(f"step {step}: val loss {last_val['val_loss']:.4f}, "
+                        (bar.write if bar is not None else print)(f"step {step}: val loss {last_val['val_loss']:.4f}, "
                                       f"{last_val['val_bpb']:.4f} bits/byte")
                 if step % cfg.save_every == 0 or step == cfg.steps:
                     self.save()
@@ -293,15 +295,22 @@ class Trainer:
     def _flush(self, pending, tok_s: float) -> float:
         values = torch.stack([loss for _, loss, _ in pending]).tolist()
         norms = [None if n is None else float(n) for _, _, n in pending]
+        peak = (torch.cuda.max_memory_allocated(self.d.device) / 2**30) if self.d.device.type == "cuda" else None
         for (step, _, _), loss, norm in zip(pending, values, norms):
             self.log.train(step, {"loss": loss, "lr": lr_at(step, self.cfg), "grad_norm": norm,
                                   "tokens": self.tokens_seen - (self.step - step) * self.cfg.batch_size * self.cfg.seq_len,
-                                  "tok_per_s": tok_s})
+                                  "tok_per_s": tok_s, "peak_mem_gib": peak})
         self.log.flush()
         return values[-1]
 
     def close(self) -> None:
         dist_util.teardown()
+
+
+def _memory(d) -> str:
+    if d.device.type != "cuda":
+        return ""
+    return f", peak {torch.cuda.max_memory_allocated(d.device) / 2**30:.1f} GiB"
 
 
 def _progress(cfg: TrainConfig, d, start: int):

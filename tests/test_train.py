@@ -608,7 +608,7 @@ def test_yaml_config_equals_flags_and_flags_override(data, tmp_path):
     assert main(["train", *_flags(flag_values), "--out", str(by_flags)]) == 0
 
     def saved(run):
-        return {k: v for k, v in json.loads((run / "config.json").read_text()).items() if k != "out"}
+        return {k: v for k, v in json.loads((run / "train_config.json").read_text()).items() if k != "out"}
 
     assert saved(by_yaml) == saved(by_flags)
     assert saved(by_yaml)["mixer"] == "mamba2" and saved(by_yaml)["betas"] == [0.9, 0.99]
@@ -646,7 +646,7 @@ def test_lr_schedule():
 
 
 def test_trainer_applies_the_schedule(reference):
-    cfg = TrainConfig.from_dict(json.loads((reference / "config.json").read_text()))
+    cfg = TrainConfig.from_dict(json.loads((reference / "train_config.json").read_text()))
     for r in _records(reference):
         if "loss" in r:
             assert r["lr"] == pytest.approx(lr_at(r["step"], cfg), rel=1e-12)

@@ -67,9 +67,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     ``config.json``), or a training run folder, whose ``latest`` file names its newest
     checkpoint under ``checkpoints/``."""
     path = Path(path)
-    if (path / "config.json").is_file():
-        return path
     latest = path / "latest"
+    if (path / "config.json").is_file() and not latest.is_file():
+        return path
     if latest.is_file():
         name = latest.read_text().strip()
         ckpt = path / "checkpoints" / name

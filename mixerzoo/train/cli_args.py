@@ -26,7 +26,7 @@ _HELP = {
     "batch_size": "global sequences per optimizer step",
     "micro_batch_size": "sequences per forward on each rank (gradient accumulation makes up the rest)",
     "fsdp": "shard parameters, gradients and optimizer state with FSDP2 (per block)",
-    "out": "run folder: checkpoints, metrics.jsonl, loss.png",
+    "out": "run folder: checkpoints, metrics.jsonl, loss.png, train_config.json",
 }
 
 

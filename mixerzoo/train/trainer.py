@@ -68,7 +68,7 @@ class Trainer:
             self._load_state(self.resume_from)
         if self.d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         self.log = MetricsLog(self.run_dir, enabled=self.d.is_main, tensorboard=cfg.tensorboard,
                               truncate_after=self.step)
 

@@ -143,7 +143,7 @@ def _demo_lm(args: argparse.Namespace) -> int:
     summary = train(cfg)
     print(f"\nvalidation: loss {summary['val']['val_loss']:.4f} nats/token, "
           f"{summary['val']['val_bpb']:.4f} bits/byte; loss curve {run / 'loss.png'}\n")
-    results = evaluate(str(run), ["mixerzoo_offline"], device=args.device, batch_size=8)
+    results = evaluate(str(run), ["mixerzoo_offline"], device=args.device, batch_size=8, limit=args.eval_limit)
     print(format_results(results))
     return 0
 
@@ -228,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with the bundled lm-eval tasks")
     s.add_argument("--mixer", default="loglinear_adaptive", help="--lm: the mixer to train")
     s.add_argument("--steps", type=int, default=300, help="--lm: training steps")
+    s.add_argument("--eval-limit", type=int, default=None, help="--lm: examples per lm-eval task (default all)")
     s.add_argument("--time-limit", type=_seconds, default=None, metavar="SECONDS",
                    help="per-run training time cap (0: none; default 30, which keeps the demo "
                         "near five minutes on two idle cores)")

@@ -58,3 +58,12 @@ def test_synth_refuses_a_negative_time_limit(capsys):
 def test_bench_without_gpu_says_so(capsys):
     assert main(["bench", "kernels", "--seq-lens", "2048"]) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+def test_demo_lm_trains_and_evaluates(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = tmp_path / "lm"
+    assert main(["demo", "--lm", "--steps", "4", "--eval-limit", "4", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "mixerzoo_choice" in text and "bits_per_byte" in text and "validation: loss" in text
+    assert (out / "run" / "latest").is_file() and (out / "run" / "loss.png").is_file()

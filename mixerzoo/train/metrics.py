@@ -85,24 +85,37 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def plot_loss(records: list[dict[str, Any]], out: str | Path, label: str | None = None) -> None:
     """Training loss (and validation loss where present) against step, into a PNG."""
+    plot_runs({label or "": records}, out)
+
+
+def plot_runs(runs: dict[str, list[dict[str, Any]]], out: str | Path, title: str | None = None) -> None:
+    """Several runs' training (line) and validation (dots) losses on one plot, into a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    if not train and not val:
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    drawn = False
+    for i, (label, records) in enumerate(runs.items()):
+        colour = f"C{i}"
+        prefix = f"{label} " if label else ""
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        if train:
+            ax.plot(*zip(*train), lw=1, color=colour, alpha=0.8, label=f"{prefix}train")
+        if val:
+            ax.plot(*zip(*val), "o--", ms=3, color=colour, label=f"{prefix}validation")
+        drawn = drawn or bool(train or val)
+    if not drawn:
+        plt.close(fig)
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), lw=1, label=f"{label + ' ' if label else ''}train")
-    if val:
-        ax.plot(*zip(*val), "o-", ms=3, label=f"{label + ' ' if label else ''}validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = Path(out).with_name(Path(out).stem + ".tmp.png")
     fig.savefig(tmp, dpi=120)

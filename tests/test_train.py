@@ -695,3 +695,28 @@ def test_no_decay_names_honours_the_marker():
     model.weight = torch.nn.Parameter(torch.zeros(4, 3))
     model.scale = torch.nn.Parameter(torch.zeros(4))
     assert no_decay_names(model) == {"table", "scale"}
+
+
+def test_out_of_memory_says_what_to_change_and_keeps_the_checkpoint(data, tmp_path, monkeypatch):
+    from mixerzoo.train import TrainingError
+
+    out = tmp_path / "run"
+    real_step = Trainer.train_step
+
+    def step(self, n):
+        if n == 6:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_step(self, n)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    with pytest.raises(TrainingError, match="micro-batch-size"):
+        train(TrainConfig(out=str(out), **data, **BASE))
+    assert _latest(out) == "step_00000004"
+    assert (out / "checkpoints" / "step_00000004" / "model.safetensors").is_file()
+
+
+def test_tensorboard_logging(data, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    train(TrainConfig(out=str(out), tensorboard=True, **data, **{**BASE, "steps": 2, "save_every": 2}))
+    assert any((out / "tensorboard").iterdir())

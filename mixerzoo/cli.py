@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train a tiny LM on a generated corpus (about a minute on a CPU), then evaluate it "
                         "with the bundled lm-eval tasks")
     s.add_argument("--mixer", default="loglinear_adaptive", help="--lm: the mixer to train")
-    s.add_argument("--steps", type=int, default=300, help="--lm: training steps")
+    s.add_argument("--steps", type=int, default=600, help="--lm: training steps")
     s.add_argument("--eval-limit", type=int, default=None, help="--lm: examples per lm-eval task (default all)")
     s.add_argument("--time-limit", type=_seconds, default=None, metavar="SECONDS",
                    help="per-run training time cap (0: none; default 30, which keeps the demo "

@@ -15,7 +15,7 @@ for m in $MIXERS; do
     --lr 1e-3 --val-every 50 --save-every "$STEPS" --out "$OUT/$m"
   echo "== eval $m"
   python3 -m mixerzoo.cli eval --model "$OUT/$m" --tasks mixerzoo_offline --batch_size 8 \
-    --output_path "$OUT/eval_$m"
+    --output_path "$OUT/eval_$m" || echo "lm-eval exited non-zero (see above)"
 done
 if [ "$PARITY" -gt 0 ]; then
   for mode in plain fsdp; do

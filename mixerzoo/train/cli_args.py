@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,8 @@ _HELP = {
 
 
 def _converter(tp: Any, name: str):
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    base = args[0] if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args else tp
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    base = next(a for a in typing.get_args(tp) if a is not type(None)) if union else tp
     if typing.get_origin(base) is dict or base is dict:
         def parse_map(text: str) -> dict:
             value = yaml.safe_load(text)

@@ -100,10 +100,6 @@ def wrap(model: nn.Module, d: Dist, fsdp: bool) -> nn.Module:
     return model
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and not hasattr(model, "blocks") else model
-
-
 def grad_sync(model: nn.Module, enabled: bool):
     """A context in which backward does (or, for an accumulation micro-step, does not) reduce
     gradients across ranks."""

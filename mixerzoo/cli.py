@@ -149,9 +149,11 @@ def _demo_lm(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "models":
+        return _bench_models(args)
     from .bench import KernelBenchConfig, format_bench_table, run_kernel_bench
 
-    kwargs = {"out_dir": args.out, "dtype": args.dtype}
+    kwargs = {"out_dir": args.out or "results/bench", "dtype": args.dtype}
     if args.seq_lens:
         kwargs["seq_lens"] = [int(t) for t in args.seq_lens.split(",")]
     if args.kernels:
@@ -162,7 +164,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for key in ("fwd_ms", "fwd_bwd_ms"):
         print(f"\n{key} (median, {result['device']}):")
         print(format_bench_table(result, key))
-    print(f"\nwrote {args.out}/kernels.json and {args.out}/kernels.png")
+    print(f"\nwrote {kwargs['out_dir']}/kernels.json and {kwargs['out_dir']}/kernels.png")
+    return 0
+
+
+def _bench_models(args: argparse.Namespace) -> int:
+    from .bench.models import ModelBenchConfig, format_model_table, format_profile, run_model_bench
+
+    def ints(text):
+        return [int(t) for t in text.split(",")]
+
+    kwargs = {"out_dir": args.out or "results/bench_models", "size": args.size, "mixers": _mixer_list(args.mixers),
+              "precision": args.precision, "warmup": args.warmup, "steps": args.steps, "profile": args.profile,
+              "checkpoint_activations": args.checkpoint_activations, "compile": args.compile,
+              "fused": not args.no_fused, "device": args.device,
+              "anchors": [a.strip() for a in args.anchors.split(",") if a.strip()] if args.anchors != "none" else []}
+    kwargs["seq_lens"] = ints(args.seq_lens or "2048,8192,16384")
+    kwargs["tokens"] = args.tokens or 32768
+    result = run_model_bench(ModelBenchConfig(**kwargs))
+    print(f"\ntraining step, {result['device']}, {args.size}, {args.precision}, {kwargs['tokens']} tokens/step:")
+    print(format_model_table(result))
+    for row in result["rows"]:
+        if "profile" in row:
+            print("\n" + format_profile(row))
+    print(f"\nwrote {kwargs['out_dir']}/models.json, models.md and models.png")
     return 0
 
 
@@ -210,13 +235,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-field", default="text", help="JSONL / Parquet field holding the text")
     s.set_defaults(func=cmd_tokenizer)
 
-    s = sub.add_parser("bench", help="kernel speed and memory vs sequence length (needs a GPU)")
-    s.add_argument("what", choices=["kernels"])
-    s.add_argument("--seq-lens", default=None, help="comma-separated T values (default 2K..64K)")
-    s.add_argument("--kernels", default=None, help="comma-separated subset of the kernels")
-    s.add_argument("--tokens", type=int, default=None, help="tokens per call (default 65536)")
-    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    s.add_argument("--out", default="results/bench")
+    s = sub.add_parser("bench", help="speed and memory vs sequence length (needs a GPU): kernels, or "
+                                     "whole models' training steps")
+    s.add_argument("what", choices=["kernels", "models"])
+    s.add_argument("--seq-lens", default=None, help="comma-separated T values (kernels: 2K..64K; models: 2K,8K,16K)")
+    s.add_argument("--kernels", default=None, help="kernels: comma-separated subset of the kernels")
+    s.add_argument("--tokens", type=int, default=None, help="tokens per call / step (kernels 65536, models 32768)")
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="kernels only")
+    s.add_argument("--size", default="350m", help="models: size preset")
+    s.add_argument("--mixers", default="all", help="models: comma-separated names, or 'all'")
+    s.add_argument("--anchors", default="fla_log_linear_mamba2,fla_mamba2",
+                   help="models: fla LMs to time beside ours where fla imports, or 'none'")
+    s.add_argument("--precision", default="bf16", choices=["bf16", "bf16-true", "fp32"],
+                   help="models: as `mixerzoo train --precision`")
+    s.add_argument("--steps", type=int, default=8, help="models: timed steps per row (median reported)")
+    s.add_argument("--warmup", type=int, default=3, help="models: untimed steps first")
+    s.add_argument("--profile", action="store_true",
+                   help="models: a torch profiler trace per row and GPU time by kernel kind per layer")
+    s.add_argument("--checkpoint-activations", action="store_true", help="models: recompute blocks in backward")
+    s.add_argument("--compile", action="store_true", help="models: torch.compile each block")
+    s.add_argument("--no-fused", action="store_true",
+                   help="models: the plain torch ops instead of the fused ones (the 'before' figures)")
+    s.add_argument("--device", default=None, help="models: cuda (default) or cpu for a smoke run")
+    s.add_argument("--out", default=None, help="results folder (kernels: results/bench; models: results/bench_models)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("demo", help="all six mixers on MQAR at a matched tiny size (CPU, minutes); "

@@ -9,6 +9,7 @@ from torch import nn
 
 from mixerzoo.mixers.base import Mixer, check_backend, pick_kernel_backend
 from mixerzoo.ops.external import load_fla_chunk_linear_attn
+from mixerzoo.ops.fused import compute_dtype, fused_enabled
 from mixerzoo.ops.linear_attn import (
     chunk_linear_attn_torch,
     linear_attn_quadratic,
@@ -77,7 +78,12 @@ class LinearAttention(Mixer):
     def _out(self, o: torch.Tensor) -> torch.Tensor:
         """o ``[..., H, D]`` -> ``[..., d]``."""
         if self.norm is not None:
-            o = self.norm(o)
+            if fused_enabled():
+                from mixerzoo.ops.norms import rms_norm
+
+                o = rms_norm(o, self.norm.weight, self.norm.eps, out_dtype=compute_dtype(o))
+            else:
+                o = self.norm(o)
         return self.o_proj(rearrange(o, "... h d -> ... (h d)"))
 
     def _pick_backend(self, x: torch.Tensor) -> str:

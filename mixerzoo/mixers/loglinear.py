@@ -29,6 +29,8 @@ from einops import rearrange
 from torch import nn
 
 from mixerzoo.mixers.mamba2 import Mamba2
+from mixerzoo.ops import pointwise
+from mixerzoo.ops.fused import fused_enabled
 from mixerzoo.ops.loglinear import log_linear_attn, log_linear_step, resolve_backend
 
 LAMBDA_MODES = ("fixed", "linear", "mlp", "mlp_softmax")
@@ -91,8 +93,10 @@ class LogLinearMamba2(Mamba2):
     def _lambda(self, u: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
         """λ from the block input u ``[..., d_model]`` and the in_proj extra ``[..., H·L]``.
 
-        Returns ``[..., H, L]`` in fp32, or ``[1, ..., H, L]``-style broadcast (all leading dims
-        1) for ``fixed``.
+        Returns ``[..., H, L]``, or ``[1, ..., H, L]``-style broadcast (all leading dims 1) for
+        ``fixed``; in fp32, except that the per-token ``mlp`` λ is returned in the MLP's dtype
+        (bf16 under autocast) when the fused ops are on: it halves what the op keeps, and the
+        kernels accumulate in fp32 whatever λ's dtype.
         """
         H, L = self.nheads, self.max_levels
         if self.lambda_mode == "fixed":
@@ -102,20 +106,27 @@ class LogLinearMamba2(Mamba2):
             dl = rearrange(extra.float(), "... (h l) -> ... h l", l=L)
             return F.softplus(self.lambda_L.float() * dl)
         hidden = LAMBDA_ACTS[self.lambda_act](self.lambda_fc1(u))
-        logits = rearrange(self.lambda_fc2(hidden).float(), "... (h l) -> ... h l", l=L)
+        logits = rearrange(self.lambda_fc2(hidden), "... (h l) -> ... h l", l=L)
+        if self.lambda_mode == "mlp" and fused_enabled():
+            return pointwise.softplus(logits)
+        logits = logits.float()
         if self.lambda_mode == "mlp":
             return F.softplus(logits)
         return L * torch.softmax(logits, dim=-1)
 
     def _sequence(self, u, x, dt, A, B, C, extra, state, want_state):
         lam = self._lambda(u, extra)
-        # q, k, v share one dtype in the op; x·dt is formed in fp32 and then cast to x's.
-        v = (x.float() * dt[..., None]).to(x.dtype)
         # The op owns the choice; resolve_backend states it with the op's own rule.
         name = resolve_backend(self.backend, x.device, dtype=x.dtype, dims=(self.d_state, self.head_dim))
+        # v = x·dt, formed in fp32 and cast to x's dtype (q, k, v share one dtype in the op);
+        # fused, the op forms it itself and does not keep it for backward.
+        if fused_enabled():
+            v, v_scale = x, dt
+        else:
+            v, v_scale = (x.float() * dt[..., None]).to(x.dtype), None
         o, final = log_linear_attn(
             C, B, v, A * dt, lam, scale=1.0, initial_state=state,
-            output_final_state=want_state, backend=name,
+            output_final_state=want_state, backend=name, v_scale=v_scale,
         )
         self._ran(name)
         return o + x * self.D[:, None].to(x.dtype), final

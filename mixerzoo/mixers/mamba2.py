@@ -19,6 +19,7 @@ from torch import nn
 
 from mixerzoo.mixers.base import Mixer, check_backend, pick_kernel_backend
 from mixerzoo.ops.external import load_mamba_chunk_scan_combined
+from mixerzoo.ops.fused import fused_enabled
 from mixerzoo.ops.ssd import ssd_chunked, ssd_quadratic, ssd_step
 
 
@@ -46,6 +47,11 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if fused_enabled():
+            from mixerzoo.ops.norms import gated_rms_norm
+
+            return gated_rms_norm(y, z, self.weight, group_size=self.group_size,
+                                  norm_before_gate=self.norm_before_gate, eps=self.eps)
         yf, gate = y.float(), F.silu(z.float())
         if not self.norm_before_gate:
             yf = yf * gate
@@ -55,6 +61,13 @@ class GatedRMSNorm(nn.Module):
         if self.norm_before_gate:
             yf = yf * gate
         return yf.to(y.dtype)
+
+    def project(self, y: torch.Tensor, z: torch.Tensor, proj_weight: torch.Tensor) -> torch.Tensor:
+        """``F.linear(self(y, z), proj_weight)``, fused so that the norm output is not kept."""
+        from mixerzoo.ops.norms import gated_rms_norm_linear
+
+        return gated_rms_norm_linear(y, z, self.weight, proj_weight, group_size=self.group_size,
+                                     norm_before_gate=self.norm_before_gate, eps=self.eps)
 
 
 def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:
@@ -227,9 +240,15 @@ class Mamba2(Mixer):
         A = -torch.exp(self.A_log.float())
         return dt, A
 
-    def _conv(self, xBC: torch.Tensor, conv_state: torch.Tensor | None):
+    def _conv(self, xBC: torch.Tensor, conv_state: torch.Tensor | None, want_state: bool = True):
         """Causal depthwise conv + SiLU over xBC ``[B, T, conv_dim]`` continuing from
-        ``conv_state`` ``[B, conv_dim, d_conv - 1]`` (None: zeros). Returns (out, new state)."""
+        ``conv_state`` ``[B, conv_dim, d_conv - 1]`` (None: zeros). Returns (out, new state),
+        the state None when not ``want_state``."""
+        if conv_state is None and not want_state and fused_enabled():
+            from mixerzoo.ops.conv import causal_conv1d
+
+            # reads xBC in place inside the in_proj output and keeps no padded copy
+            return causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias), None
         xt = rearrange(xBC, "b t c -> b c t")
         if conv_state is None:
             padded = F.pad(xt, (self.d_conv - 1, 0))
@@ -242,15 +261,18 @@ class Mamba2(Mixer):
     def _run(self, u: torch.Tensor, state: Mamba2State | None):
         self.check_input(u)
         z, xBC, dt_raw, extra = self._split(self.in_proj(u))
-        xBC, conv_state = self._conv(xBC, None if state is None else state.conv)
+        want = state is not None
+        xBC, conv_state = self._conv(xBC, None if state is None else state.conv, want)
         x, B, C = self._split_xBC(xBC)
         dt, A = self._dt_A(dt_raw)
-        want = state is not None
         y, seq_state = self._sequence(
             u, x, dt, A, B, C, extra, None if state is None else state.seq, want
         )
-        y = self.norm(rearrange(y.to(u.dtype), "b t h p -> b t (h p)"), z)
-        return self.out_proj(y), (Mamba2State(conv_state, seq_state) if want else None)
+        y = rearrange(y.to(u.dtype), "b t h p -> b t (h p)")
+        new_state = Mamba2State(conv_state, seq_state) if want else None
+        if fused_enabled() and self.out_proj.bias is None:
+            return self.norm.project(y, z, self.out_proj.weight), new_state
+        return self.out_proj(self.norm(y, z)), new_state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, None)[0]

@@ -10,6 +10,8 @@ from einops import rearrange, repeat
 from torch import nn
 
 from mixerzoo.mixers.base import Mixer
+from mixerzoo.ops import pointwise
+from mixerzoo.ops.fused import fused_enabled
 
 
 @dataclass
@@ -25,22 +27,12 @@ class KVCache:
         return self.k.shape[2]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, start: int, base: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half layout) for x ``[B, H, T, D]`` at positions start..start+T-1."""
-    d, T = x.shape[-1], x.shape[-2]
-    # Angles in fp32: in bf16 the position * frequency product loses whole radians at long T.
-    inv_freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    pos = torch.arange(start, start + T, device=x.device, dtype=torch.float32)
-    angles = torch.outer(pos, inv_freq)  # [T, D/2]
-    angles = torch.cat((angles, angles), dim=-1)  # [T, D]
-    xf = x.float()
-    out = xf * angles.cos() + _rotate_half(xf) * angles.sin()
-    return out.to(x.dtype)
+    """Rotary embedding (rotate-half layout) for x ``[B, H, T, D]`` at positions start..start+T-1,
+    in fp32, returned in x's dtype."""
+    if fused_enabled():
+        return pointwise.apply_rope(x, start, base)
+    return pointwise.apply_rope_reference(x, start, base)
 
 
 class SoftmaxAttention(Mixer):

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.fused import compute_dtype, fused_enabled
+
 
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float = 1e-5):
@@ -19,6 +21,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_enabled():
+            from ..ops.norms import rms_norm
+
+            # Returned in the matmul dtype: every consumer is a projection, which would cast.
+            return rms_norm(x, self.weight, self.eps, out_dtype=compute_dtype(x))
         # Normalise in fp32: bf16 squares lose too many bits for a stable mean.
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -32,6 +39,11 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_enabled():
+            from ..ops.swiglu import swiglu_linear
+
+            # the [.., hidden] product is recomputed in backward instead of kept
+            return swiglu_linear(self.gate_up(x), self.down.weight)
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 

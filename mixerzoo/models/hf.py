@@ -13,9 +13,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
+from ..ops.fused import fused_enabled
 from ..registry import check_options, class_for_layer, construct_mixer
 from .backbone import Block, RMSNorm, SwiGLU
 from .config import MixerZooConfig
@@ -34,12 +36,17 @@ class MixerZooForCausalLM(PreTrainedModel):
 
     ``forward(input_ids [B, T], labels=None) -> CausalLMOutput(loss, logits [B, T, V])``;
     labels are the inputs themselves (shifted inside, -100 ignored), as in transformers.
+    ``return_logits=False`` with labels computes the loss chunk by chunk without ever holding
+    the ``[B, T, V]`` logits (they come back as None): what training uses.
+    ``set_activation_checkpointing(True)`` recomputes each block in backward instead of
+    keeping its activations (transformers' ``gradient_checkpointing_enable`` does the same).
     """
 
     config_class = MixerZooConfig
     base_model_prefix = "mixerzoo"
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: MixerZooConfig):
         super().__init__(config)
@@ -55,7 +62,12 @@ class MixerZooForCausalLM(PreTrainedModel):
         # A tied head reuses the embedding matrix directly, so there is no second parameter
         # for save/load to tie back together.
         self.lm_head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
         self.post_init()
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute every block's forward during backward (memory for about a third more time)."""
+        self.gradient_checkpointing = bool(enabled)
 
     # --- weights -------------------------------------------------------------------------
     def _init_weights(self, module: nn.Module) -> None:
@@ -80,9 +92,11 @@ class MixerZooForCausalLM(PreTrainedModel):
         self.embed = value
 
     # --- forward ---------------------------------------------------------------------------
+    def _head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.norm(h)
-        return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
+        return F.linear(self.norm(h), self._head_weight())
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
@@ -95,6 +109,7 @@ class MixerZooForCausalLM(PreTrainedModel):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        return_logits: bool = True,
         **kwargs: Any,
     ) -> CausalLMOutput:
         # attention_mask is accepted for API compatibility; left padding is not supported by
@@ -103,9 +118,16 @@ class MixerZooForCausalLM(PreTrainedModel):
             raise ValueError("padded batches (attention_mask with zeros) are not supported; "
                              "batch sequences of equal length or run them one by one")
         self._check_ids(input_ids)
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+        if labels is None and not return_logits:
+            raise ValueError("return_logits=False only makes sense with labels (the loss is all that is returned)")
         h = self.embed(input_ids)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            h = block(h)
+            h = checkpoint(block, h, use_reentrant=False) if recompute else block(h)
+        if not return_logits:
+            return CausalLMOutput(loss=self._chunked_loss(h, labels), logits=None)
         logits = self._logits(h)
         loss = None
         if labels is not None:
@@ -113,6 +135,17 @@ class MixerZooForCausalLM(PreTrainedModel):
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
         return CausalLMOutput(loss=loss, logits=logits)
+
+    def _chunked_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of h ``[B, T, d]`` without the full logits."""
+        from ..ops.cross_entropy import linear_cross_entropy
+
+        h = self.norm(h)[:, :-1].flatten(0, 1)
+        targets = labels[:, 1:].flatten()
+        if not fused_enabled():
+            logits = F.linear(h, self._head_weight())
+            return F.cross_entropy(logits.float(), targets, ignore_index=-100)
+        return linear_cross_entropy(h, self._head_weight(), targets, ignore_index=-100)
 
     # --- recurrent decoding ------------------------------------------------------------------
     def init_state(self, batch: int, device=None, dtype=None) -> list[Any]:

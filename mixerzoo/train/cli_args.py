@@ -27,6 +27,8 @@ _HELP = {
     "batch_size": "global sequences per optimizer step",
     "micro_batch_size": "sequences per forward on each rank (gradient accumulation makes up the rest)",
     "fsdp": "shard parameters, gradients and optimizer state with FSDP2 (per block)",
+    "precision": "auto, bf16 (autocast, fp32 weights), bf16-true (bf16 weights), fp32",
+    "checkpoint_activations": "recompute each block in backward (less memory, ~1/3 more time)",
     "out": "run folder: checkpoints, metrics.jsonl, loss.png, train_config.json",
 }
 

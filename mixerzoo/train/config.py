@@ -16,6 +16,9 @@ from typing import Any
 import yaml
 
 
+PRECISIONS = ("auto", "bf16", "bf16-true", "fp32")
+
+
 class ConfigError(ValueError):
     """A training option is wrong; the message names the option, its value and what is allowed."""
 
@@ -76,8 +79,11 @@ class TrainConfig:
     seed: int = 0
     # --- execution ---
     device: str | None = None  # None: cuda:LOCAL_RANK if available, else cpu
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32
+    # auto: bf16 on GPU, fp32 on CPU. bf16: fp32 weights and optimizer, bf16 autocast;
+    # bf16-true: bf16 weights, optimizer state and activations (less memory, less precision).
+    precision: str = "auto"
     compile: bool = False
+    checkpoint_activations: bool = False  # recompute each block in backward: memory for time
     fsdp: bool = False
     # --- output ---
     out: str | None = None
@@ -146,7 +152,7 @@ class TrainConfig:
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0: no clipping)")
         need(0 <= self.val_fraction < 1, "val_fraction", "must lie in [0, 1)")
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
-        need(self.precision in ("auto", "bf16", "fp32"), "precision", "must be one of auto, bf16, fp32")
+        need(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
         need(isinstance(self.mixer, str) and bool(self.mixer), "mixer", "must be a mixer name (see `mixerzoo list`)")
         need(isinstance(self.mixer_options, dict), "mixer_options", "must be a mapping of option names to values")
 

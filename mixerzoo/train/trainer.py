@@ -43,6 +43,64 @@ def no_decay_names(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if p.dim() < 2 or getattr(p, "_no_weight_decay", False)}
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` is bf16 (autocast over fp32 weights) on a GPU and fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of a precision: on only for ``bf16`` (``bf16-true`` has bf16 weights)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig, precision: str, device: torch.device) -> nn.Module:
+    """Move the model to its device and dtype and switch on the memory options of ``cfg``."""
+    model.to(device)
+    if precision == "bf16-true":
+        model.to(torch.bfloat16)
+    if cfg.checkpoint_activations:
+        model.set_activation_checkpointing(True)
+    if cfg.compile:
+        for block in model.blocks:
+            block.compile()
+    return model
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                    no_decay: set[str] | None = None) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only. ``no_decay`` (default
+    :func:`no_decay_names` of ``model``) must be taken before FSDP wraps the model: its
+    parameters lose their marks there, and the groups are then matched by name."""
+    no_decay = no_decay_names(model) if no_decay is None else no_decay
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if n not in no_decay], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=device.type == "cuda")
+
+
+def forward_backward(model: nn.Module, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Next-token loss of ``x [B, T]`` (the chunked loss: no ``[B, T, V]`` logits), then its
+    backward scaled by ``scale``; returns the unscaled loss, detached."""
+    loss = model(input_ids=x, labels=x, return_logits=False).loss
+    (loss * scale).backward()
+    return loss.detach()
+
+
+def optimizer_step(params, optimizer: torch.optim.Optimizer, grad_clip: float):
+    """Clip (when ``grad_clip > 0``), step and clear the gradients; returns the norm or None."""
+    norm = None
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MIXERZOO_CACHE", Path.home() / ".cache" / "mixerzoo")) / "tokens"
 
@@ -57,7 +115,7 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         self._check_run_dir(resume)
         self.d = dist_util.setup(cfg.device, cfg.fsdp)
-        self.precision = ("bf16" if self.d.device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
+        self.precision = resolve_precision(cfg.precision, self.d.device)
         torch.manual_seed(cfg.seed)
         self._build_data()
         self._build_model()
@@ -136,21 +194,11 @@ class Trainer:
                             tie_embeddings=cfg.tie_embeddings)
         if self.resume_from is not None:
             ckpt_io.load_model_weights(self.resume_from, model)
-        model.to(self.d.device)
+        self.raw = prepare_model(model, cfg, self.precision, self.d.device)
         no_decay = no_decay_names(model)
-        if cfg.compile:
-            for block in model.blocks:
-                block.compile()
-        self.raw = model
         self.model = dist_util.wrap(model, self.d, cfg.fsdp)
-        # FSDP replaces the parameters, so groups are matched by name, after wrapping.
-        named = list(self.raw.named_parameters())
-        groups = [
-            {"params": [p for n, p in named if n not in no_decay], "weight_decay": cfg.weight_decay},
-            {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0},
-        ]
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                           foreach=self.d.device.type == "cuda")
+        # FSDP replaces the parameters: the optimizer takes them after wrapping.
+        self.optimizer = build_optimizer(self.raw, cfg, self.d.device, no_decay)
 
     def _load_state(self, ckpt: Path) -> None:
         state = ckpt_io.read_state(ckpt)
@@ -165,7 +213,7 @@ class Trainer:
 
     # --- the step ----------------------------------------------------------------------------
     def _autocast(self):
-        return torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        return autocast(self.precision, self.d.device)
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One optimizer step (all micro-steps); returns the global mean loss and grad norm,
@@ -180,15 +228,8 @@ class Trainer:
             x = self.train_data.batch(start + m * self.micro * d.world_size, self.micro * d.world_size,
                                       rank=d.rank, world_size=d.world_size).to(d.device, non_blocking=True)
             with dist_util.grad_sync(self.model, m == self.accum - 1), self._autocast():
-                loss = self.model(input_ids=x, labels=x).loss
-                (loss / self.accum).backward()
-            total += loss.detach() / self.accum
-        norm = None
-        if cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+                total += forward_backward(self.model, x, 1.0 / self.accum) / self.accum
+        norm = optimizer_step(self.raw.parameters(), self.optimizer, cfg.grad_clip)
         return dist_util.all_reduce_mean(total, d), norm
 
     @torch.no_grad()
@@ -211,12 +252,12 @@ class Trainer:
             count = min(per, n - start)
             x = self.val_data.batch(start, count, rank=d.rank, world_size=d.world_size).to(d.device)
             with self._autocast():
-                logits = self.model(input_ids=x).logits
-            losses = torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="none")
-            nll += losses.double().sum()
+                # the chunked loss: a validation batch never holds its [B, T, V] logits either
+                loss = self.model(input_ids=x, labels=x, return_logits=False).loss
+            n_pred = x.shape[0] * (x.shape[1] - 1)
+            nll += loss.double() * n_pred
             nbytes += token_bytes[x[:, 1:]].sum()
-            ntok += losses.numel()
+            ntok += n_pred
         self.model.train()
         nll, nbytes, ntok = (dist_util.all_reduce_sum(t, d) for t in (nll, nbytes, ntok))
         return {"val_loss": (nll / ntok).item(), "val_bpb": (nll / math.log(2) / nbytes.clamp_min(1)).item(),

@@ -70,6 +70,7 @@ def log_linear_attn(
     output_final_state: bool = False,
     backend: str = "auto",
     cu_seqlens: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LogLinearState | None]:
     """Log-linear attention (see ``naive.py`` for the definition).
 
@@ -89,6 +90,10 @@ def log_linear_attn(
             along T, sequence ``i`` at ``[cu_seqlens[i], cu_seqlens[i+1])``; each starts at
             position 0 (its own Fenwick levels) and sees none of the others. Stateless calls
             only; each sequence is one pass of the chosen backend.
+        v_scale: ``[B, T, H]`` or None. When given, the values are ``v · v_scale[..., None]``
+            (formed in fp32, kept in v's dtype; Mamba-2's ``x · dt``). The stateless Triton path
+            forms them inside its autograd Function and again in backward, so the product is
+            never kept for backward; gradients reach both v and v_scale.
 
     Returns:
         ``(o, state)``: o ``[B, T, H, V]`` in v's dtype (fp32 accumulation, fp64 for fp64
@@ -97,6 +102,16 @@ def log_linear_attn(
     check_inputs(q, k, v, g, lam, scale, initial_state)
     stateful = initial_state is not None or output_final_state
     name = resolve_backend(backend, q.device, dtype=q.dtype, dims=(q.shape[-1], v.shape[-1]))
+    if v_scale is not None:
+        if v_scale.shape != v.shape[:3]:
+            raise ValueError(f"v_scale must be [B, T, H] = {list(v.shape[:3])}, got {list(v_scale.shape)}")
+        if name == "triton" and not stateful and cu_seqlens is None and triton_available(q.device):
+            from .triton_ops import triton_log_linear_attn
+
+            return triton_log_linear_attn(q, k, v, g, lam, scale, v_scale=v_scale), None
+        from ..pointwise import mul_dt
+
+        v = mul_dt(v, v_scale)
     if cu_seqlens is not None:
         return _varlen(q, k, v, g, lam, scale, cu_seqlens, stateful, name), None
     args = (q, k, v, g, lam, scale, initial_state, output_final_state)

@@ -108,32 +108,43 @@ def _lam_view(lam: torch.Tensor, B: int, T: int, H: int) -> torch.Tensor:
     return lam.expand(B, T, H, lam.shape[-1])
 
 
-def forward(q, k, v, g, lam, scale: float, C: int = CHUNK):
-    """o ``[B, T, H, V]`` plus the tree (node states and totals) the backward reuses."""
-    B, T, G, K = q.shape
-    H, V = v.shape[2], v.shape[3]
+def build_tree(k, v, g, H: int, C: int = CHUNK):
+    """The Fenwick tree of chunk states: node states ``[B·H, n_nodes, K, V]`` and their log
+    decays ``[B·H, n_nodes]`` (fp32). The forward builds it for the output; the backward builds
+    it again instead of keeping it: at K = 128 it is 1 KiB per token and head, more than all
+    the layer's other activations together, and rebuilding costs one k^T v per chunk."""
+    B, T, G, K = k.shape
+    V = v.shape[3]
     lay = TreeLayout.of(T, C)
-    lamx = _lam_view(lam, B, T, H)
     BV = min(V, 64)
-    nodes = torch.empty(B * H, lay.n_nodes, K, V, device=q.device, dtype=torch.float32)
-    totals = torch.empty(B * H, lay.n_nodes, device=q.device, dtype=torch.float32)
-    hoff, _ = lay.tensors(q.device)
-    prec = _precision(q.dtype)
+    nodes = torch.empty(B * H, lay.n_nodes, K, V, device=k.device, dtype=torch.float32)
+    totals = torch.empty(B * H, lay.n_nodes, device=k.device, dtype=torch.float32)
     meta = dict(H=H, HG=H // G, G=G, K=K, V=V, C=C, BV=BV)
     # heights 1..3 start here in the node buffer (0 where the tree is not that tall)
     offs = [lay.offsets[h] if h < len(lay.offsets) else 0 for h in range(1, FUSED_HEIGHTS + 1)]
     _chunk_tree[(triton.cdiv(lay.NT, 1 << FUSED_HEIGHTS), V // BV, B * H)](
-        k, v, g, nodes, totals, *offs, T, lay.NT, lay.n_nodes, len(lay.sizes), PREC=prec, **meta
+        k, v, g, nodes, totals, *offs, T, lay.NT, lay.n_nodes, len(lay.sizes), PREC=_precision(k.dtype), **meta
     )
     for h in range(FUSED_HEIGHTS + 1, lay.NH):
         _tree_up[(lay.sizes[h], V // BV, B * H)](
             nodes, totals, lay.offsets[h - 1], lay.sizes[h - 1], lay.offsets[h], lay.n_nodes, K=K, V=V, BV=BV
         )
+    return nodes, totals
+
+
+def forward(q, k, v, g, lam, scale: float, C: int = CHUNK):
+    """o ``[B, T, H, V]`` plus the tree (node states and totals) it was computed from."""
+    B, T, G, K = q.shape
+    H, V = v.shape[2], v.shape[3]
+    lay = TreeLayout.of(T, C)
+    lamx = _lam_view(lam, B, T, H)
+    nodes, totals = build_tree(k, v, g, H, C)
+    hoff, _ = lay.tensors(q.device)
     o = torch.empty_like(v)
-    _output[(lay.NT, V // BV, B * H)](
+    _output[(lay.NT, V // min(V, 64), B * H)](
         q, k, v, g, lamx, o, nodes, totals, hoff,
         T, lay.NT, lay.n_nodes, lay.NH, lamx.shape[-1], scale, *lamx.stride(),
-        LOG2C=int(math.log2(C)), PREC=prec, **meta,
+        LOG2C=int(math.log2(C)), PREC=_precision(q.dtype), H=H, HG=H // G, G=G, K=K, V=V, C=C, BV=min(V, 64),
     )
     return o, nodes, totals
 
@@ -189,32 +200,49 @@ def backward(q, k, v, g, lam, do, nodes, totals, scale: float, C: int = CHUNK, s
     return dq, dk, dv, dg, dlam.sum_to_size(lam.shape)
 
 
+def _scaled(x: torch.Tensor, v_scale: torch.Tensor | None) -> torch.Tensor:
+    if v_scale is None:
+        return x.contiguous()
+    return (x.float() * v_scale[..., None]).to(x.dtype)
+
+
 class LogLinearAttnTriton(torch.autograd.Function):
+    """Saves q, k, v (or x and v_scale, v = x·v_scale being formed again), g and λ; the node
+    tree is rebuilt in backward (see :func:`build_tree`)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, g, lam, scale, chunk_size, seg):
+    def forward(ctx, q, k, v, g, lam, scale, chunk_size, seg, v_scale):
         ctx.g_dtype = g.dtype
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k = q.contiguous(), k.contiguous()
         g = g.float().contiguous()
-        o, nodes, totals = forward(q, k, v, g, lam, scale, chunk_size)
-        ctx.save_for_backward(q, k, v, g, lam, nodes, totals)
+        o, _, _ = forward(q, k, _scaled(v, v_scale), g, lam, scale, chunk_size)
+        ctx.save_for_backward(q, k, v if v_scale is not None else v.contiguous(), g, lam, v_scale)
         ctx.scale, ctx.chunk_size, ctx.seg = scale, chunk_size, seg
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, g, lam, nodes, totals = ctx.saved_tensors
+        q, k, x, g, lam, v_scale = ctx.saved_tensors
+        v = _scaled(x, v_scale)
+        nodes, totals = build_tree(k, v, g, v.shape[2], ctx.chunk_size)
         dq, dk, dv, dg, dlam = backward(q, k, v, g, lam, do.contiguous(), nodes, totals, ctx.scale, ctx.chunk_size, ctx.seg)
-        return dq, dk, dv, dg.to(ctx.g_dtype), dlam.to(lam.dtype), None, None, None
+        dscale = None
+        if v_scale is not None:
+            dvf = dv.float()
+            dscale = (dvf * x.float()).sum(-1).to(v_scale.dtype)
+            dv = (dvf * v_scale[..., None]).to(x.dtype)
+        return dq, dk, dv, dg.to(ctx.g_dtype), dlam.to(lam.dtype), None, None, None, dscale
 
 
 def triton_log_linear_attn(
-    q, k, v, g, lam, scale: float = 1.0, chunk_size: int = CHUNK, seg: int = SEG
+    q, k, v, g, lam, scale: float = 1.0, chunk_size: int = CHUNK, seg: int = SEG, v_scale=None
 ) -> torch.Tensor:
     """o ``[B, T, H, V]`` of log-linear attention by the Triton kernels (differentiable).
 
     ``chunk_size`` and ``seg`` (chunks per program in the state-gradient pass) are powers of
     two; tests shrink them to reach many tree heights at tiny T. A batch larger than one launch
-    can take (see ``max_batch_per_call``) runs in pieces.
+    can take (see ``max_batch_per_call``) runs in pieces. ``v_scale [B, T, H]``: the values
+    are ``v · v_scale`` (see ``log_linear_attn``).
     """
     for name, val, lo in (("chunk_size", chunk_size, 16), ("seg", seg, 1)):
         if val < lo or val & (val - 1):
@@ -226,12 +254,17 @@ def triton_log_linear_attn(
         per_seq_lam = lam.dim() == 4 and lam.shape[0] == B
         return torch.cat([
             triton_log_linear_attn(q[i:i + fit], k[i:i + fit], v[i:i + fit], g[i:i + fit],
-                                   lam[i:i + fit] if per_seq_lam else lam, scale, chunk_size, seg)
+                                   lam[i:i + fit] if per_seq_lam else lam, scale, chunk_size, seg,
+                                   None if v_scale is None else v_scale[i:i + fit])
             for i in range(0, B, fit)
         ])
     if q.dtype == torch.bfloat16 and not q.is_cuda:
         # The CPU interpreter's tl.dot is wrong on bf16 operands (Triton 3.9); run its bf16
         # calls in fp32 so that CPU tests of the kernel code check the kernel, not the emulator.
+        if v_scale is not None:  # rounded to bf16 as on the GPU, then widened
+            v, v_scale = (v.float() * v_scale[..., None]).to(v.dtype), None
         o = triton_log_linear_attn(q.float(), k.float(), v.float(), g, lam.float(), scale, chunk_size, seg)
         return o.to(v.dtype)
-    return LogLinearAttnTriton.apply(q, k, v, g, lam, float(scale), chunk_size, seg)
+    if v_scale is not None and v_scale.shape != v.shape[:3]:
+        raise ValueError(f"v_scale must be [B, T, H] = {list(v.shape[:3])}, got {list(v_scale.shape)}")
+    return LogLinearAttnTriton.apply(q, k, v, g, lam, float(scale), chunk_size, seg, v_scale)

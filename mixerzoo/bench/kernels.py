@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .files import write_json_atomic
+from ..files import write_json_atomic
 
 
 @dataclass(kw_only=True)
@@ -50,7 +50,7 @@ def _levels(T: int) -> int:
 
 
 def _ours(cfg: KernelBenchConfig, T: int, dt: torch.dtype, groups: int) -> Callable[[], tuple]:
-    from .ops.loglinear import log_linear_attn
+    from ..ops.loglinear import log_linear_attn
 
     B, H, D = cfg.tokens // T, cfg.heads, cfg.head_dim
 
@@ -106,7 +106,7 @@ def _fla_linear(cfg, T, dt):
 
 
 def _mamba_ssd(cfg, T, dt):
-    from .ops.external import load_mamba_chunk_scan_combined
+    from ..ops.external import load_mamba_chunk_scan_combined
 
     ssd = load_mamba_chunk_scan_combined()
     B, H, P, N = cfg.tokens // T, cfg.heads, cfg.head_dim, cfg.state_dim

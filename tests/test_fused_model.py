@@ -283,3 +283,46 @@ def test_triton_v_scale_matches_premultiplied_values(dtype):
     for name, a, b in zip(("q", "k", "x", "dt", "g", "lam"), torch.autograd.grad(ref, inputs, do),
                           torch.autograd.grad(got, inputs, do)):
         assert_close(f"d{name}", a, b, tol)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rms_norm_linear_matches_norm_then_linear(backend):
+    from mixerzoo.ops.norms import rms_norm_linear, rms_norm_reference
+
+    torch.manual_seed(5)
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(40)).requires_grad_()
+    p = torch.randn(24, 40, requires_grad=True)
+    ref = torch.nn.functional.linear(rms_norm_reference(x, w), p)
+    got = rms_norm_linear(x, w, p, backend=backend)
+    assert_close("out", ref, got, 1e-5)
+    g = torch.randn_like(ref)
+    for name, a, b in zip("xwp", torch.autograd.grad(ref, (x, w, p), g), torch.autograd.grad(got, (x, w, p), g)):
+        assert_close(f"d{name}", a, b, 1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 residual, bf16 product
+        out = rms_norm_linear(x, w, p, out_dtype=torch.bfloat16, backend=backend)
+    assert out.dtype == torch.bfloat16
+    assert_close("autocast out", ref, out, 1e-2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_rows_matches_reference(backend, per_row, dtype):
+    torch.manual_seed(6)
+    wide = torch.randn(3, 5, 2 * 16 + 7, dtype=dtype)  # x is a view into a wider tensor
+    x = wide[..., :32].unflatten(-1, (2, 16)).requires_grad_()
+    s = (torch.rand(3, 5, 2) if per_row else torch.rand(2)).requires_grad_()
+    add = torch.randn(3, 5, 2, 16, dtype=dtype, requires_grad=True)
+    sb = s[..., None] if per_row else s[:, None]
+    ref = (add.float() + x.float() * sb).to(dtype)
+    got = pointwise.scale_rows(x, s, add, backend=backend)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert got.dtype == dtype
+    assert_close("y", ref, got, tol)
+    g = torch.randn_like(ref)
+    for name, a, b in zip(("x", "s", "add"), torch.autograd.grad(ref, (x, s, add), g),
+                          torch.autograd.grad(got, (x, s, add), g)):
+        assert_close(f"d{name}", a, b, 1e-5 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(ValueError, match="scale_rows"):
+        pointwise.scale_rows(x, s[:1] if not per_row else s[:, :1])

@@ -129,6 +129,8 @@ class LogLinearMamba2(Mamba2):
             output_final_state=want_state, backend=name, v_scale=v_scale,
         )
         self._ran(name)
+        if fused_enabled():
+            return pointwise.scale_rows(x, self.D, add=o), final  # o + x·D in one pass each way
         return o + x * self.D[:, None].to(x.dtype), final
 
     def _sequence_step(self, u_t, x_t, dt_t, A, B_t, C_t, extra_t, state):

@@ -47,6 +47,15 @@ class SwiGLU(nn.Module):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
+    def from_residual(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """``self(norm(x))`` with the norm fused into the up-projection: neither the norm
+        output nor the ``[.., hidden]`` product is kept for backward."""
+        from ..ops.norms import rms_norm_linear
+        from ..ops.swiglu import swiglu_linear
+
+        gate_up = rms_norm_linear(x, norm.weight, self.gate_up.weight, norm.eps, out_dtype=compute_dtype(x))
+        return swiglu_linear(gate_up, self.down.weight)
+
 
 class Block(nn.Module):
     def __init__(self, mixer: nn.Module, d_model: int, mlp_hidden: int, eps: float):
@@ -58,6 +67,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x))
+        if fused_enabled():
+            return x + self.mlp.from_residual(x, self.mlp_norm)
         return x + self.mlp(self.mlp_norm(x))
 
     def step(self, x_t: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:

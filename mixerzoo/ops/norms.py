@@ -234,26 +234,40 @@ class _NormLinear(torch.autograd.Function):
     weight gradient. Saves x, z, the two weights and rstd."""
 
     @staticmethod
-    def forward(ctx, x, z, weight, proj_w, gs, nbg, eps, use_triton):
+    def forward(ctx, x, z, weight, proj_w, gs, nbg, eps, use_triton, out_dtype):
         shape, weight = x.shape, weight.contiguous()
         x2, z2 = _rows(x), None if z is None else _rows(z)
-        out, rstd = (_triton_fwd if use_triton else _torch_fwd)(x2, z2, weight, gs, nbg, eps, x.dtype)
+        out, rstd = (_triton_fwd if use_triton else _torch_fwd)(x2, z2, weight, gs, nbg, eps, out_dtype)
         y = out @ proj_w.to(out.dtype).t()  # what autocast would run: the activation dtype
         ctx.save_for_backward(x2, z2, weight, rstd, proj_w)
-        ctx.conf = (shape, gs, nbg, eps, use_triton)
+        ctx.conf = (shape, gs, nbg, eps, use_triton, out_dtype)
         return y.view(*shape[:-1], proj_w.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         x, z, weight, rstd, proj_w = ctx.saved_tensors
-        shape, gs, nbg, eps, use_triton = ctx.conf
-        n, _ = (_triton_fwd if use_triton else _torch_fwd)(x, z, weight, gs, nbg, eps, x.dtype)
+        shape, gs, nbg, eps, use_triton, out_dtype = ctx.conf
+        n, _ = (_triton_fwd if use_triton else _torch_fwd)(x, z, weight, gs, nbg, eps, out_dtype)
         dy = _rows(dy).to(n.dtype)
         dproj = (dy.t() @ n).to(proj_w.dtype)
         dn = dy @ proj_w.to(n.dtype)
         dx, dz, dw = (_triton_bwd if use_triton else _torch_bwd)(x, z, weight, rstd, dn, gs, nbg)
         dz = None if dz is None else dz.view(shape)
-        return dx.view(shape), dz, dw.to(weight.dtype), dproj, None, None, None, None
+        return dx.view(shape), dz, dw.to(weight.dtype), dproj, None, None, None, None, None
+
+
+def rms_norm_linear(x, weight, proj_weight, eps=1e-5, *, out_dtype=None, backend="auto"):
+    """``F.linear(rms_norm(x, weight, eps, out_dtype=out_dtype), proj_weight)`` without keeping
+    the ``[..., D]`` norm output for backward; the product runs in ``out_dtype`` (default x's:
+    pass the autocast dtype under autocast). Returns ``[..., P]``."""
+    gs = max(x.shape[-1], 1) if x.dim() else 1
+    use_triton = _check(x, weight, gs, eps, out_dtype, backend)
+    if proj_weight.dim() != 2 or proj_weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"proj_weight must be [P, {x.shape[-1]}], got {list(proj_weight.shape)}")
+    out_dtype = out_dtype or x.dtype
+    if x.numel() == 0:
+        return F.linear(rms_norm(x, weight, eps, out_dtype=out_dtype, backend=backend), proj_weight.to(out_dtype))
+    return _NormLinear.apply(x, None, weight, proj_weight, gs, False, float(eps), use_triton, out_dtype)
 
 
 def gated_rms_norm_linear(y, z, weight, proj_weight, *, group_size, norm_before_gate=False, eps=1e-5,
@@ -270,7 +284,8 @@ def gated_rms_norm_linear(y, z, weight, proj_weight, *, group_size, norm_before_
     if y.numel() == 0:
         return F.linear(gated_rms_norm(y, z, weight, group_size=group_size, norm_before_gate=norm_before_gate,
                                        eps=eps, backend=backend), proj_weight.to(y.dtype))
-    return _NormLinear.apply(y, z, weight, proj_weight, group_size, bool(norm_before_gate), float(eps), use_triton)
+    return _NormLinear.apply(y, z, weight, proj_weight, group_size, bool(norm_before_gate), float(eps), use_triton,
+                             y.dtype)
 
 
 def _rows(t):

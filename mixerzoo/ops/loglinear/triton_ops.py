@@ -203,7 +203,9 @@ def backward(q, k, v, g, lam, do, nodes, totals, scale: float, C: int = CHUNK, s
 def _scaled(x: torch.Tensor, v_scale: torch.Tensor | None) -> torch.Tensor:
     if v_scale is None:
         return x.contiguous()
-    return (x.float() * v_scale[..., None]).to(x.dtype)
+    from ..pointwise import scale_rows_forward
+
+    return scale_rows_forward(x, v_scale)
 
 
 class LogLinearAttnTriton(torch.autograd.Function):
@@ -228,9 +230,10 @@ class LogLinearAttnTriton(torch.autograd.Function):
         dq, dk, dv, dg, dlam = backward(q, k, v, g, lam, do.contiguous(), nodes, totals, ctx.scale, ctx.chunk_size, ctx.seg)
         dscale = None
         if v_scale is not None:
-            dvf = dv.float()
-            dscale = (dvf * x.float()).sum(-1).to(v_scale.dtype)
-            dv = (dvf * v_scale[..., None]).to(x.dtype)
+            from ..pointwise import scale_rows_backward
+
+            dv, dscale = scale_rows_backward(dv, x, v_scale)
+            dscale = dscale.to(v_scale.dtype)
         return dq, dk, dv, dg.to(ctx.g_dtype), dlam.to(lam.dtype), None, None, None, dscale
 
 

@@ -111,6 +111,13 @@ def _fla(cfg: ModelBenchConfig, anchor: str, device: torch.device):
     if anchor == "fla_log_linear_mamba2":
         model = fm.LogLinearMamba2ForCausalLM(fm.LogLinearMamba2Config(**common))
     else:
+        from fla.layers import mamba2 as fla_mamba2
+
+        if not getattr(fla_mamba2, "is_fast_path_available", False):
+            # its fallback is a naive torch scan (it ran out of 139 GiB at 350m, T = 2K):
+            # no anchor to measure against
+            raise ImportError("fla's Mamba2 layer has no fast path here (it needs causal-conv1d and "
+                              "mamba-ssm's compiled kernels)")
         model = fm.Mamba2ForCausalLM(fm.Mamba2Config(**common))
     model.to(device)
     if cfg.precision == "bf16-true":

@@ -720,3 +720,25 @@ def test_tensorboard_logging(data, tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(out=str(out), tensorboard=True, **data, **{**BASE, "steps": 2, "save_every": 2}))
     assert any((out / "tensorboard").iterdir())
+
+
+def test_activation_checkpointing_gives_identical_losses(data, reference, tmp_path):
+    out = tmp_path / "ckpt_act"
+    train(TrainConfig(out=str(out), checkpoint_activations=True, **data, **BASE))
+    assert _train_losses(out) == _train_losses(reference)
+    assert _val_losses(out) == _val_losses(reference)
+
+
+def test_bf16_true_precision_trains_in_bf16(data, tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "bf16"), precision="bf16-true", **data, **{**BASE, "steps": 4})
+    trainer = Trainer(cfg)
+    assert all(p.dtype == torch.bfloat16 for p in trainer.raw.parameters())
+    summary = trainer.train()
+    losses = _train_losses(tmp_path / "bf16")
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses.values())
+    assert math.isfinite(summary["val"]["val_loss"])
+
+
+def test_precision_is_checked():
+    with pytest.raises(ConfigError, match="precision"):
+        TrainConfig(precision="bf8")

@@ -265,7 +265,7 @@ def test_selective_copy_bad_configs(kw, match):
 
 
 def test_task_registry():
-    assert list_tasks() == ["mqar", "selective_copy"]
+    assert {"mqar", "selective_copy"} <= set(list_tasks())
     assert get_task_class("mqar") is MQARConfig
     task = build_task("selective_copy", seq_len=40, num_data_tokens=4)
     assert isinstance(task, SelectiveCopyConfig) and task.seq_len == 40
@@ -275,3 +275,52 @@ def test_task_registry():
         build_task("mqr")
     with pytest.raises(ValueError, match="seq_len=4"):
         task.replace(seq_len=4)
+
+
+def test_unknown_task_field_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"no field\(s\) 'num_pairs' \(did you mean 'num_kv_pairs'\?\).*seq_len"):
+        build_task("mqar", num_pairs=3)
+
+
+def test_a_new_task_in_one_file(tmp_path, monkeypatch):
+    """A task is a module with a SyntheticTask dataclass; register_task (or an entry point)
+    makes it a name for build_task, the presets and the synth command."""
+    from mixerzoo.evals.synthetic import preset
+    from mixerzoo.tasks import register_task, unregister_task
+
+    (tmp_path / "my_task_mod.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from typing import ClassVar\n"
+        "import torch\n"
+        "from mixerzoo.tasks import IGNORE_INDEX, SyntheticTask\n\n"
+        "@dataclass(kw_only=True)\n"
+        "class CopyFirst(SyntheticTask):\n"
+        "    name: ClassVar[str] = 'copy_first'\n"
+        "    vocab_size: int = 8\n"
+        "    seq_len: int = 16\n\n"
+        "    @classmethod\n"
+        "    def preset_fields(cls, preset):\n"
+        "        return {'seq_len': 12}, {}\n\n"
+        "    def _generate(self, batch_size, generator, device):\n"
+        "        x = torch.randint(0, self.vocab_size, (batch_size, self.seq_len), generator=generator, device=device)\n"
+        "        y = torch.full_like(x, IGNORE_INDEX)\n"
+        "        y[:, -1] = x[:, 0]\n"
+        "        return x, y\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    register_task("copy_first", "my_task_mod:CopyFirst")
+    try:
+        assert "copy_first" in list_tasks()
+        x, y = build_task("copy_first", vocab_size=5).sample(3, seed=0)
+        assert x.shape == (3, 16) and torch.equal(y[:, -1], x[:, 0])
+        cfg = preset("demo", "copy_first")
+        assert cfg.task.name == "copy_first" and cfg.task.seq_len == 12
+        with pytest.raises(ValueError, match="already registered"):
+            register_task("copy_first", "my_task_mod:CopyFirst")
+    finally:
+        unregister_task("copy_first")
+    assert "copy_first" not in list_tasks()
+    with pytest.raises(TypeError, match="SyntheticTask"):
+        register_task("not_a_task", dict)
+    with pytest.raises(ValueError, match="module:Class"):
+        register_task("bad_path", "no_colon_here")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..files import write_json_atomic
+from ..ops.loglinear.state import num_levels
 
 
 @dataclass(kw_only=True)
@@ -45,10 +46,6 @@ class KernelBenchConfig:
                 raise ValueError(f"tokens ({self.tokens}) must be a multiple of every T; got T={t}")
 
 
-def _levels(T: int) -> int:
-    return max(1, math.ceil(math.log2(T))) + 1
-
-
 def _ours(cfg: KernelBenchConfig, T: int, dt: torch.dtype, groups: int) -> Callable[[], tuple]:
     from ..ops.loglinear import log_linear_attn
 
@@ -59,7 +56,7 @@ def _ours(cfg: KernelBenchConfig, T: int, dt: torch.dtype, groups: int) -> Calla
         k = torch.randn(B, T, groups, D, device="cuda", dtype=dt) / math.sqrt(D)
         v = torch.randn(B, T, H, D, device="cuda", dtype=dt)
         g = -F.softplus(torch.randn(B, T, H, device="cuda")) * 0.1
-        lam = F.softplus(torch.randn(B, T, H, _levels(T), device="cuda", dtype=dt))
+        lam = F.softplus(torch.randn(B, T, H, num_levels(T), device="cuda", dtype=dt))
         inputs = [x.requires_grad_() for x in (q, k, v, g, lam)]
         return inputs, lambda: log_linear_attn(*inputs, scale=D ** -0.5, backend="triton")[0]
 
@@ -86,7 +83,7 @@ def _fla_loglinear(cfg, T, dt):
         k = torch.randn(B, T, H, D, device="cuda", dtype=dt) / math.sqrt(D)
         v = torch.randn(B, T, H, D, device="cuda", dtype=dt)
         g = -F.softplus(torch.randn(B, T, H, device="cuda")) * 0.1
-        lam = F.softplus(torch.randn(B, T, H, _levels(T), device="cuda", dtype=dt))
+        lam = F.softplus(torch.randn(B, T, H, num_levels(T), device="cuda", dtype=dt))
         inputs = [x.requires_grad_() for x in (q, k, v, g, lam)]
         return inputs, lambda: chunk_log_linear_attn(*inputs)[0]
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from mixerzoo.files import write_json_atomic
-from mixerzoo.tasks import IGNORE_INDEX, SyntheticTask, build_task
+from mixerzoo.tasks import IGNORE_INDEX, SyntheticTask, build_task, get_task_class
 
 X_AXES = ("seq_len", "d_model")
 PRECISIONS = ("fp32", "bf16")
@@ -674,25 +674,8 @@ PRESETS = ("demo", "quick", "full")
 
 
 def _task_defaults(preset_name: str, task: str) -> tuple[dict[str, Any], dict[int, dict]]:
-    """Task fields and per-length overrides of a preset."""
-    if task == "mqar":
-        # Zoology's Figure 2 pairs length and kv pairs as (64, 4), (128, 8), (256, 16),
-        # (512, 64) and fills with 0 (random_non_queries=False).
-        zoology_kv = {64: 4, 128: 8, 256: 16, 512: 64}
-        fields = dict(seq_len=64, num_kv_pairs=4, random_non_queries=False)
-        if preset_name == "demo":
-            # Measured on CPU (d_model 64, 2 layers, batch 64): with 64 tokens softmax
-            # attention passes 99% in about 400 steps at lr 3e-3; with 128 it is still near
-            # 80% at 600 steps, too slow for a demo of six mixers.
-            return dict(fields, vocab_size=64), {}
-        lengths = (64, 128, 256) if preset_name == "quick" else (64, 128, 256, 512)
-        per_length = {L: {"num_kv_pairs": zoology_kv[L]} for L in lengths}
-        return dict(fields, vocab_size=1024 if preset_name == "quick" else 8192), per_length
-    if task == "selective_copy":
-        if preset_name == "demo":
-            return dict(vocab_size=16, seq_len=64, num_data_tokens=8), {}
-        return dict(vocab_size=16, num_data_tokens=16), {}
-    return {}, {}
+    """Task fields and per-length overrides of a preset: each task owns its own."""
+    return get_task_class(task).preset_fields(preset_name)
 
 
 # Two-layer, 64-wide models learn recall within a few hundred steps only when token

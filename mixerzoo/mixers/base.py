@@ -18,7 +18,6 @@ from mixerzoo.ops.external import optional
 
 logger = logging.getLogger("mixerzoo")
 
-BACKENDS = ("auto", "triton", "torch", "naive")
 _announced: set[tuple[str, str]] = set()
 
 

@@ -14,11 +14,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from .common import accumulation_dtype
+
 __all__ = ["linear_attn_quadratic", "chunk_linear_attn_torch", "linear_attn_step"]
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _check(q, k, v, state) -> None:
@@ -44,7 +42,7 @@ def linear_attn_quadratic(
     """The specification, O(T²). Returns ``(o [B, T, H, V], final_state [B, H, K, V])``."""
     _check(q, k, v, initial_state)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    cdt = _compute_dtype(q)
+    cdt = accumulation_dtype(q.dtype)
     qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
     T = q.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
@@ -77,7 +75,7 @@ def chunk_linear_attn_torch(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    cdt = _compute_dtype(q)
+    cdt = accumulation_dtype(q.dtype)
     T = q.shape[1]
     pad = (-T) % chunk_size
     qc, kc, vc = (

@@ -20,11 +20,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
+from .common import accumulation_dtype
+
 __all__ = ["ssd_quadratic", "ssd_chunked", "ssd_step"]
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _check(x, dt, A, B, C, D, state) -> tuple[int, int]:
@@ -69,7 +67,7 @@ def ssd_quadratic(
     Returns ``(y [B, T, H, P], final_state [B, H, P, N])``.
     """
     rep, _ = _check(x, dt, A, B, C, D, initial_state)
-    cdt = _compute_dtype(x)
+    cdt = accumulation_dtype(x.dtype)
     xf, dtf, Af = x.to(cdt), dt.to(cdt), A.to(cdt)
     Bf = repeat(B.to(cdt), "b t g n -> b t (g r) n", r=rep)
     Cf = repeat(C.to(cdt), "b t g n -> b t (g r) n", r=rep)
@@ -112,7 +110,7 @@ def ssd_chunked(
     rep, n = _check(x, dt, A, B, C, D, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    cdt = _compute_dtype(x)
+    cdt = accumulation_dtype(x.dtype)
     bsz, T, H, P = x.shape
     pad = (-T) % chunk_size
     # F.pad counts from the last dim: (0, 0) per trailing dim, then (0, pad) on time.

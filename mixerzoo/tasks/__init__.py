@@ -18,8 +18,12 @@ there; a seed therefore reproduces a batch on one device type (CPU and CUDA draw
 streams from the same seed).
 
 Tasks: ``mqar`` (:class:`~mixerzoo.tasks.mqar.MQARConfig`) and ``selective_copy``
-(:class:`~mixerzoo.tasks.selective_copy.SelectiveCopyConfig`). The modules are imported only
-when a task is first used.
+(:class:`~mixerzoo.tasks.selective_copy.SelectiveCopyConfig`) are built in; more come from
+``register_task(name, cls)`` or from Python entry points in group ``mixerzoo.tasks`` (a
+package's ``[project.entry-points."mixerzoo.tasks"] my_task = "pkg.module:MyTaskConfig"``).
+A task is one file: a :class:`SyntheticTask` dataclass with its ``name``, ``_generate`` and,
+optionally, ``preset_fields`` (its defaults in the ``demo`` / ``quick`` / ``full`` sweeps).
+The modules are imported only when a task is first used.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ import torch
 
 IGNORE_INDEX = -100
 
-# name -> "module:Class"; resolved lazily so that importing the package stays cheap.
-_TASKS = {
+# name -> "module:Class" or a class; paths are resolved lazily so that importing stays cheap.
+_BUILTIN_TASKS = {
     "mqar": "mixerzoo.tasks.mqar:MQARConfig",
     "selective_copy": "mixerzoo.tasks.selective_copy:SelectiveCopyConfig",
 }
+_USER_TASKS: dict[str, Any] = {}
+TASK_ENTRY_POINT_GROUP = "mixerzoo.tasks"
 _EXPORTS = {
     "MQARConfig": "mixerzoo.tasks.mqar",
     "SelectiveCopyConfig": "mixerzoo.tasks.selective_copy",
@@ -101,6 +107,12 @@ class SyntheticTask:
         """An endless, seeded source of batches of this task on ``device``."""
         return TaskStream(self, seed, device)
 
+    @classmethod
+    def preset_fields(cls, preset: str) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+        """The task's fields in a named sweep (``demo``, ``quick``, ``full``) and per-length
+        overrides ``{seq_len: {field: value}}``; the class defaults unless a task says more."""
+        return {}, {}
+
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data, with its task name (for results files)."""
         return {"task": self.name, **dataclasses.asdict(self)}  # type: ignore[call-overload]
@@ -127,23 +139,77 @@ class TaskStream:
         return [self.sample(batch_size) for _ in range(n)]
 
 
+def _entry_point_tasks() -> dict[str, str]:
+    from importlib import metadata
+
+    return {ep.name: ep.value for ep in metadata.entry_points(group=TASK_ENTRY_POINT_GROUP)}
+
+
+def _all_tasks() -> dict[str, Any]:
+    # later layers win: built-ins, then installed packages, then register_task
+    return {**_BUILTIN_TASKS, **_entry_point_tasks(), **_USER_TASKS}
+
+
 def list_tasks() -> list[str]:
-    return sorted(_TASKS)
+    return sorted(_all_tasks())
+
+
+def register_task(name: str, cls: type | str, *, overwrite: bool = False) -> None:
+    """Make a task available by name: ``cls`` a :class:`SyntheticTask` subclass or its
+    ``"module:Class"`` path (imported when first used)."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"task name must be an identifier such as 'my_task', got {name!r}")
+    if isinstance(cls, str):
+        if ":" not in cls:
+            raise ValueError(f"task class path must look like 'package.module:Class', got {cls!r}")
+    elif not (isinstance(cls, type) and issubclass(cls, SyntheticTask) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"register_task({name!r}, ...): the class must be a dataclass subclassing "
+                        f"mixerzoo.tasks.SyntheticTask, got {cls!r}")
+    if name in _all_tasks() and not overwrite:
+        raise ValueError(f"task {name!r} is already registered; pass overwrite=True to replace it")
+    _USER_TASKS[name] = cls
+
+
+def unregister_task(name: str) -> None:
+    """Remove a task added with :func:`register_task` (built-ins stay)."""
+    if name not in _USER_TASKS:
+        raise ValueError(f"task {name!r} was not added with register_task")
+    del _USER_TASKS[name]
 
 
 def get_task_class(name: str) -> type[SyntheticTask]:
     """The config class of a task by name, with a suggestion on a misspelt name."""
-    if name not in _TASKS:
-        close = difflib.get_close_matches(name, _TASKS, n=1)
+    tasks = _all_tasks()
+    if name not in tasks:
+        close = difflib.get_close_matches(str(name), tasks, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown task {name!r}.{hint} Available: {', '.join(list_tasks())}")
-    module, _, cls = _TASKS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
+        raise ValueError(f"unknown task {name!r}.{hint} Available: {', '.join(sorted(tasks))}")
+    target = tasks[name]
+    if not isinstance(target, str):
+        return target
+    module, _, attr = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"task {name!r}: cannot import {target!r} ({type(e).__name__}: {e})") from e
+    if not (isinstance(cls, type) and issubclass(cls, SyntheticTask)):
+        raise ValueError(f"task {name!r}: {target!r} is not a mixerzoo.tasks.SyntheticTask subclass")
+    return cls
 
 
 def build_task(name: str, **options: Any) -> SyntheticTask:
-    """``build_task("mqar", seq_len=128)``: the task's config with these fields set."""
-    return get_task_class(name)(**options)
+    """``build_task("mqar", seq_len=128)``: the task's config with these fields set; an unknown
+    field is refused with the task's known fields."""
+    cls = get_task_class(name)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, known, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"task {name!r} has no field(s) {', '.join(hints)}; its fields: {', '.join(known)}")
+    return cls(**options)
 
 
 def __getattr__(attr: str) -> Any:
@@ -162,4 +228,6 @@ __all__ = [
     "get_task_class",
     "list_tasks",
     "make_generator",
+    "register_task",
+    "unregister_task",
 ]

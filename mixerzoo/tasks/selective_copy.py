@@ -48,6 +48,12 @@ class SelectiveCopyConfig(SyntheticTask):
 
     name: ClassVar[str] = "selective_copy"
 
+    @classmethod
+    def preset_fields(cls, preset: str):
+        if preset == "demo":
+            return dict(vocab_size=16, seq_len=64, num_data_tokens=8), {}
+        return dict(vocab_size=16, num_data_tokens=16), {}
+
     vocab_size: int = 16
     seq_len: int = 256
     num_data_tokens: int = 16

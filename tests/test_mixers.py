@@ -307,7 +307,7 @@ def test_log_linear_attn_unit_lambda_is_ssd(T, G):
     A = -torch.exp(0.5 * torch.randn(H, generator=gen))
     Bm = torch.randn(B_, T, G, N, generator=gen)
     Cm = torch.randn(B_, T, G, N, generator=gen)
-    y_ssd, h_ssd = ssd_chunked(x, dt, A, Bm, Cm, chunk_size=16, return_final_state=True)
+    y_ssd, h_ssd = ssd_chunked(x, dt, A, Bm, Cm, chunk_size=16, output_final_state=True)
     lam = torch.ones(1, 1, H, 5)
     y_ll, state = log_linear_attn(
         Cm, Bm, x * dt[..., None], A * dt, lam, scale=1.0, output_final_state=True, backend="torch"

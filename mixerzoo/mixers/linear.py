@@ -11,8 +11,8 @@ from mixerzoo.mixers.base import Mixer, check_backend, pick_kernel_backend
 from mixerzoo.ops.external import load_fla_chunk_linear_attn
 from mixerzoo.ops.fused import compute_dtype, fused_enabled
 from mixerzoo.ops.linear_attn import (
-    chunk_linear_attn_torch,
-    linear_attn_quadratic,
+    linear_attn_chunked,
+    linear_attn_naive,
     linear_attn_step,
 )
 
@@ -101,13 +101,13 @@ class LinearAttention(Mixer):
             )
             self._ran("fla")
         elif backend == "torch":
-            o, final = chunk_linear_attn_torch(
+            o, final = linear_attn_chunked(
                 q, k, v, scale=self.scale, initial_state=initial_state,
                 output_final_state=want_state, chunk_size=self.chunk_size,
             )
             self._ran("torch")
         else:
-            o, final = linear_attn_quadratic(q, k, v, scale=self.scale, initial_state=initial_state)
+            o, final = linear_attn_naive(q, k, v, scale=self.scale, initial_state=initial_state)
             self._ran("naive")
         return o, (final.float() if want_state else None)
 

@@ -20,7 +20,7 @@ from torch import nn
 from mixerzoo.mixers.base import Mixer, check_backend, pick_kernel_backend
 from mixerzoo.ops.external import load_mamba_chunk_scan_combined
 from mixerzoo.ops.fused import fused_enabled
-from mixerzoo.ops.ssd import ssd_chunked, ssd_quadratic, ssd_step
+from mixerzoo.ops.ssd import ssd_chunked, ssd_naive, ssd_step
 
 
 @dataclass
@@ -195,11 +195,11 @@ class Mamba2(Mixer):
         elif backend == "torch":
             y, final = ssd_chunked(
                 x, dt, A, B, C, chunk_size=self.chunk_size, D=self.D,
-                initial_state=state, return_final_state=want_state,
+                initial_state=state, output_final_state=want_state,
             )
             self._ran("torch")
         else:
-            y, final = ssd_quadratic(x, dt, A, B, C, D=self.D, initial_state=state)
+            y, final = ssd_naive(x, dt, A, B, C, D=self.D, initial_state=state)
             self._ran("naive")
         return y, (final.float() if want_state else None)
 

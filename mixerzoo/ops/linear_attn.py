@@ -16,7 +16,7 @@ from einops import rearrange
 
 from .common import accumulation_dtype
 
-__all__ = ["linear_attn_quadratic", "chunk_linear_attn_torch", "linear_attn_step"]
+__all__ = ["linear_attn_naive", "linear_attn_chunked", "linear_attn_step"]
 
 
 def _check(q, k, v, state) -> None:
@@ -32,7 +32,7 @@ def _check(q, k, v, state) -> None:
         raise ValueError(f"state must be [B, H, K, V] = {expected}, got {tuple(state.shape)}")
 
 
-def linear_attn_quadratic(
+def linear_attn_naive(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -56,7 +56,7 @@ def linear_attn_quadratic(
     return (scale * o).to(q.dtype), final
 
 
-def chunk_linear_attn_torch(
+def linear_attn_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -113,7 +113,7 @@ def linear_attn_step(
     """
     _check(q_t[:, None], k_t[:, None], v_t[:, None], state)
     scale = q_t.shape[-1] ** -0.5 if scale is None else scale
-    cdt = state.dtype if state.dtype == torch.float64 else torch.float32
+    cdt = accumulation_dtype(state.dtype)
     state = state.to(cdt) + torch.einsum("bhk,bhv->bhkv", k_t.to(cdt), v_t.to(cdt))
     o = scale * torch.einsum("bhk,bhkv->bhv", q_t.to(cdt), state)
     return o.to(q_t.dtype), state

@@ -22,7 +22,7 @@ from einops import rearrange, repeat
 
 from .common import accumulation_dtype
 
-__all__ = ["ssd_quadratic", "ssd_chunked", "ssd_step"]
+__all__ = ["ssd_naive", "ssd_chunked", "ssd_step"]
 
 
 def _check(x, dt, A, B, C, D, state) -> tuple[int, int]:
@@ -53,7 +53,7 @@ def _skip(x: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     return x * (D[:, None] if D.dim() == 1 else D).to(x.dtype)
 
 
-def ssd_quadratic(
+def ssd_naive(
     x: torch.Tensor,
     dt: torch.Tensor,
     A: torch.Tensor,
@@ -99,7 +99,7 @@ def ssd_chunked(
     chunk_size: int = 64,
     D: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
-    return_final_state: bool = False,
+    output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked SSD: quadratic inside chunks of ``chunk_size``, a recurrence across them.
 
@@ -151,7 +151,7 @@ def ssd_chunked(
     y = rearrange(y, "b c l h p -> b (c l) h p")[:, :T]
     if D is not None:
         y = y + _skip(xf[:, :T], D.to(cdt))
-    return y.to(x.dtype), (state if return_final_state else None)
+    return y.to(x.dtype), (state if output_final_state else None)
 
 
 def ssd_step(
@@ -174,7 +174,7 @@ def ssd_step(
             f"got {tuple(x_t.shape)} and {tuple(B_t.shape)}"
         )
     rep, _ = _check(x_t[:, None], dt_t[:, None], A, B_t[:, None], C_t[:, None], D, state)
-    cdt = state.dtype if state.dtype == torch.float64 else torch.float32
+    cdt = accumulation_dtype(state.dtype)
     xf, dtf = x_t.to(cdt), dt_t.to(cdt)
     Bf = repeat(B_t.to(cdt), "b g n -> b (g r) n", r=rep)
     Cf = repeat(C_t.to(cdt), "b g n -> b (g r) n", r=rep)

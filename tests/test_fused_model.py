@@ -355,3 +355,9 @@ def test_every_triton_kernel_inside_a_model_matches_the_plain_model(monkeypatch)
     assert_close("loss", ref_loss, loss, 1e-5)
     for n in ref_grads:
         assert_close(n, ref_grads[n], grads[n], 2e-4)
+
+
+def test_softplus_gradient_from_its_output_is_exact_in_fp32():
+    x = torch.tensor([-40.0, -5.0, -0.3, 0.0, 0.7, 6.0, 30.0], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(pointwise.softplus(x).sum(), x)
+    assert_close("dsoftplus", torch.sigmoid(x.detach()), g, 1e-12)

@@ -146,17 +146,21 @@ def mul_dt(x: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
 class _Softplus(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dtype):
-        ctx.save_for_backward(x)
-        return F.softplus(x.float()).to(dtype)
+        y = F.softplus(x.float()).to(dtype)
+        # softplus' = sigmoid(x) = 1 - exp(-softplus(x)): the output is enough for backward,
+        # and the op it feeds keeps that same tensor anyway
+        ctx.save_for_backward(y)
+        ctx.x_dtype = x.dtype
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        return (dy.float() * torch.sigmoid(x.float())).to(x.dtype), None
+        (y,) = ctx.saved_tensors
+        return (dy.float() * -torch.expm1(-y.float())).to(ctx.x_dtype), None
 
 
 def softplus(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """softplus(x) in fp32, returned in ``dtype`` (default x's); saves only x."""
+    """softplus(x) in fp32, returned in ``dtype`` (default x's); saves only its output."""
     return _Softplus.apply(x, dtype or x.dtype)
 
 

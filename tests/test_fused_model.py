@@ -358,6 +358,6 @@ def test_every_triton_kernel_inside_a_model_matches_the_plain_model(monkeypatch)
 
 
 def test_softplus_gradient_from_its_output_is_exact_in_fp32():
-    x = torch.tensor([-40.0, -5.0, -0.3, 0.0, 0.7, 6.0, 30.0], dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([-40.0, -5.0, -0.3, 0.0, 0.7, 6.0, 30.0], requires_grad=True)
     (g,) = torch.autograd.grad(pointwise.softplus(x).sum(), x)
-    assert_close("dsoftplus", torch.sigmoid(x.detach()), g, 1e-12)
+    assert_close("dsoftplus", torch.sigmoid(x.detach()), g, 1e-6)

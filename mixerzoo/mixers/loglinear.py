@@ -90,6 +90,13 @@ class LogLinearMamba2(Mamba2):
         for p in lambda_params:
             p._no_weight_decay = True
 
+    def _aux_projections(self, u: torch.Tensor) -> list[torch.Tensor]:
+        # the λ MLP's first layer reads the block input: it is fused with in_proj when it can be
+        return [F.linear(u, self.lambda_fc1.weight)] if self.lambda_mode in ("mlp", "mlp_softmax") else []
+
+    def _aux_weights(self) -> list[torch.Tensor]:
+        return [self.lambda_fc1.weight] if self.lambda_mode in ("mlp", "mlp_softmax") else []
+
     def _lambda(self, u: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
         """λ from the block input u ``[..., d_model]`` and the in_proj extra ``[..., H·L]``.
 
@@ -98,14 +105,20 @@ class LogLinearMamba2(Mamba2):
         (bf16 under autocast) when the fused ops are on: it halves what the op keeps, and the
         kernels accumulate in fp32 whatever λ's dtype.
         """
+        return self._lambda_from(self._aux_projections(u), extra, u.dim() - 1)
+
+    def _lambda_from(self, aux: list[torch.Tensor], extra: torch.Tensor | None, n_lead: int) -> torch.Tensor:
+        """:meth:`_lambda` from the projections of the input (``aux[0]``: the λ MLP's first
+        layer before its bias) and ``n_lead`` leading dims."""
         H, L = self.nheads, self.max_levels
         if self.lambda_mode == "fixed":
             lam = F.softplus(self.lambda_theta.float())
-            return lam.reshape((1,) * (u.dim() - 1) + (H, L))
+            return lam.reshape((1,) * n_lead + (H, L))
         if self.lambda_mode == "linear":
             dl = rearrange(extra.float(), "... (h l) -> ... h l", l=L)
             return F.softplus(self.lambda_L.float() * dl)
-        hidden = LAMBDA_ACTS[self.lambda_act](self.lambda_fc1(u))
+        pre = aux[0]
+        hidden = LAMBDA_ACTS[self.lambda_act](pre + self.lambda_fc1.bias.to(pre.dtype))
         logits = rearrange(self.lambda_fc2(hidden), "... (h l) -> ... h l", l=L)
         if self.lambda_mode == "mlp" and fused_enabled():
             return pointwise.softplus(logits)
@@ -114,8 +127,8 @@ class LogLinearMamba2(Mamba2):
             return F.softplus(logits)
         return L * torch.softmax(logits, dim=-1)
 
-    def _sequence(self, u, x, dt, A, B, C, extra, state, want_state):
-        lam = self._lambda(u, extra)
+    def _sequence(self, aux, x, dt, A, B, C, extra, state, want_state):
+        lam = self._lambda_from(aux, extra, 2)
         # The op owns the choice; resolve_backend states it with the op's own rule.
         name = resolve_backend(self.backend, x.device, dtype=x.dtype, dims=(self.d_state, self.head_dim))
         # v = x·dt, formed in fp32 and cast to x's dtype (q, k, v share one dtype in the op);
@@ -133,8 +146,8 @@ class LogLinearMamba2(Mamba2):
             return pointwise.scale_rows(x, self.D, add=o), final  # o + x·D in one pass each way
         return o + x * self.D[:, None].to(x.dtype), final
 
-    def _sequence_step(self, u_t, x_t, dt_t, A, B_t, C_t, extra_t, state):
-        lam = self._lambda(u_t, extra_t)  # [B, H, L], or [1, H, L] for fixed
+    def _sequence_step(self, aux_t, x_t, dt_t, A, B_t, C_t, extra_t, state):
+        lam = self._lambda_from(aux_t, extra_t, 1)  # [B, H, L], or [1, H, L] for fixed
         v = (x_t.float() * dt_t[..., None]).to(x_t.dtype)
         o, state = log_linear_step(C_t, B_t, v, A * dt_t, lam, state, scale=1.0)
         return o + x_t * self.D[:, None].to(x_t.dtype), state

@@ -174,10 +174,10 @@ class Mamba2(Mixer):
     def _pick_backend(self, x: torch.Tensor) -> str:
         return pick_kernel_backend(self.backend, x, load_mamba_chunk_scan_combined, "Mamba2 (mamba-ssm)")
 
-    def _sequence(self, u, x, dt, A, B, C, extra, state, want_state):
+    def _sequence(self, aux, x, dt, A, B, C, extra, state, want_state):
         """The sequence op with its skip connection.
 
-        u ``[B, T, d_model]`` (block input), x ``[B, T, H, P]``, dt ``[B, T, H]`` (fp32,
+        aux: the list from :meth:`_aux_projections` (projections of the block input), x ``[B, T, H, P]``, dt ``[B, T, H]`` (fp32,
         positive), A ``[H]`` (fp32, negative), B and C ``[B, T, G, N]``, extra
         ``[B, T, e]`` or None, state from :meth:`_init_seq_state` or None for a fresh
         sequence. Returns ``(y [B, T, H, P], new state or None)``.
@@ -203,7 +203,7 @@ class Mamba2(Mixer):
             self._ran("naive")
         return y, (final.float() if want_state else None)
 
-    def _sequence_step(self, u_t, x_t, dt_t, A, B_t, C_t, extra_t, state):
+    def _sequence_step(self, aux_t, x_t, dt_t, A, B_t, C_t, extra_t, state):
         """One token of :meth:`_sequence`: the same arguments without the T axis."""
         return ssd_step(x_t, dt_t, A, B_t, C_t, state, D=self.D)
 
@@ -258,21 +258,50 @@ class Mamba2(Mixer):
         new_state = padded[:, :, padded.shape[-1] - (self.d_conv - 1):]
         return F.silu(rearrange(out, "b c t -> b t c")), new_state
 
+    def _aux_projections(self, u: torch.Tensor) -> list[torch.Tensor]:
+        """Projections of the block input u besides in_proj, handed to the sequence op as
+        ``aux`` (none here; the log-linear λ MLP's first layer in a subclass)."""
+        return []
+
+    def _aux_weights(self) -> list[torch.Tensor]:
+        """The (bias-free) weights of :meth:`_aux_projections`, for the fused input path."""
+        return []
+
     def _run(self, u: torch.Tensor, state: Mamba2State | None):
         self.check_input(u)
-        z, xBC, dt_raw, extra = self._split(self.in_proj(u))
+        return self._run_projected(self.in_proj(u), self._aux_projections(u), state, u.dtype)
+
+    def _run_projected(self, zxbcdt: torch.Tensor, aux: list[torch.Tensor], state: Mamba2State | None,
+                       act_dtype: torch.dtype):
+        z, xBC, dt_raw, extra = self._split(zxbcdt)
         want = state is not None
         xBC, conv_state = self._conv(xBC, None if state is None else state.conv, want)
         x, B, C = self._split_xBC(xBC)
         dt, A = self._dt_A(dt_raw)
         y, seq_state = self._sequence(
-            u, x, dt, A, B, C, extra, None if state is None else state.seq, want
+            aux, x, dt, A, B, C, extra, None if state is None else state.seq, want
         )
-        y = rearrange(y.to(u.dtype), "b t h p -> b t (h p)")
+        y = rearrange(y.to(act_dtype), "b t h p -> b t (h p)")
         new_state = Mamba2State(conv_state, seq_state) if want else None
         if fused_enabled() and self.out_proj.bias is None:
             return self.norm.project(y, z, self.out_proj.weight), new_state
         return self.out_proj(self.norm(y, z)), new_state
+
+    def forward_normed(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """``forward(norm(x))`` for the block's RMSNorm ``norm``, fused into in_proj (and the
+        other projections of the block input) when the fused ops are on: the normalised input
+        is rebuilt in backward instead of kept."""
+        if not fused_enabled() or self.in_proj.bias is not None or not hasattr(norm, "eps"):
+            return self.forward(norm(x))
+        from mixerzoo.ops.fused import compute_dtype
+        from mixerzoo.ops.norms import rms_norm_linear
+
+        self.check_input(x)
+        weights = [self.in_proj.weight] + self._aux_weights()
+        w = weights[0] if len(weights) == 1 else torch.cat(weights)
+        out = rms_norm_linear(x, norm.weight, w, norm.eps, out_dtype=compute_dtype(x))
+        parts = out.split([t.shape[0] for t in weights], dim=-1)
+        return self._run_projected(parts[0], list(parts[1:]), None, out.dtype)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, None)[0]
@@ -294,7 +323,7 @@ class Mamba2(Mixer):
             conv = conv + self.conv1d.bias
         x, B, C = self._split_xBC(F.silu(conv))
         dt, A = self._dt_A(dt_raw)
-        y, seq_state = self._sequence_step(x_t, x, dt, A, B, C, extra, state.seq)
+        y, seq_state = self._sequence_step(self._aux_projections(x_t), x, dt, A, B, C, extra, state.seq)
         y = self.norm(rearrange(y.to(x_t.dtype), "b h p -> b (h p)"), z)
         return self.out_proj(y), Mamba2State(window[:, :, 1:], seq_state)
 

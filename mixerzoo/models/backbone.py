@@ -66,7 +66,11 @@ class Block(nn.Module):
         self.mlp = SwiGLU(d_model, mlp_hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x))
+        if fused_enabled() and hasattr(self.mixer, "forward_normed"):
+            # a mixer that can fuse the pre-norm into its first projection (optional contract)
+            x = x + self.mixer.forward_normed(x, self.mixer_norm)
+        else:
+            x = x + self.mixer(self.mixer_norm(x))
         if fused_enabled():
             return x + self.mlp.from_residual(x, self.mlp_norm)
         return x + self.mlp(self.mlp_norm(x))

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..registry import check_options, class_for_layer, construct_mixer, get_mixer_spec, resolve_mixer_class
-from .config import MixerZooConfig
+from ..registry import (
+    RegistryError,
+    check_options,
+    class_for_layer,
+    construct_mixer,
+    get_mixer_spec,
+    resolve_mixer_class,
+)
+from .config import MixerZooConfig, check_int
 from .sizes import (
     get_size,
     mixer_param_count,
@@ -27,6 +35,61 @@ class LayerPlan:
     params: int
 
 
+def _int_options(cls: type) -> dict[str, bool]:
+    """Constructor options of ``cls`` (and the bases its ``**kwargs`` forwards to) that take an
+    integer: name -> whether None is allowed too.
+
+    Mixers check their own options with ``isinstance(value, int)``, which lets ``True`` through
+    as 1; the signature says what was meant, so it is read here rather than trusted to each mixer.
+    An option is integer when its annotation is ``int`` (or ``int | None``), or, unannotated,
+    when its default is an int.
+    """
+    found: dict[str, bool] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        try:
+            params = inspect.signature(klass.__init__).parameters
+        except (TypeError, ValueError):
+            break
+        for n, prm in params.items():
+            if n in ("self", "d_model", "layer_idx") or n in found:
+                continue
+            ann = prm.annotation
+            ann = ann if isinstance(ann, str) else getattr(ann, "__name__", None) if ann is not prm.empty else None
+            if ann is not None:
+                parts = {a.strip() for a in ann.replace("Optional[", "").rstrip("]").split("|")}
+                if "int" in parts and parts <= {"int", "None"}:
+                    found[n] = "None" in parts or prm.default is None
+            elif isinstance(prm.default, int) and not isinstance(prm.default, bool):
+                found[n] = False
+        if not any(prm.kind is inspect.Parameter.VAR_KEYWORD for prm in params.values()):
+            break
+    return found
+
+
+def check_option_types(name: str, cls: type, options: dict[str, Any]) -> None:
+    """Refuse a bool or non-integer value for an integer mixer option, naming it."""
+    for opt, none_ok in _int_options(cls).items():
+        if opt in options:
+            value = options[opt]
+            if value is None and none_ok:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise RegistryError(
+                    f"mixer {name!r} ({cls.__name__}): option {opt} must be an integer"
+                    f"{' or None' if none_ok else ''}, got {value!r} ({type(value).__name__})"
+                )
+
+
+def _dims(size: str, d_model: Any, n_layers: Any) -> tuple[int, int]:
+    """Width and depth: the given ones, validated, else the size's (None means "the size's")."""
+    preset = get_size(size)
+    check_int("d_model", d_model, optional=True)
+    check_int("n_layers", n_layers, optional=True)
+    return (preset.d_model if d_model is None else d_model), (preset.n_layers if n_layers is None else n_layers)
+
+
 def _plan_layers(
     names: Sequence[str], d_model: int, n_layers: int, size: str, mixer_options: dict[str, Any] | None
 ) -> list[LayerPlan]:
@@ -38,15 +101,15 @@ def _plan_layers(
         cls = resolve_mixer_class(name, spec)
         options = size_defaults(cls, preset, {**spec.options, **(mixer_options or {})})
         check_options(name, cls, options)
+        check_option_types(name, cls, options)
         plans.append(LayerPlan(name, spec.class_path, options, mixer_param_count(cls, d_model, i, options, name)))
     return plans
 
 
 def param_target(size: str, d_model: int | None = None, n_layers: int | None = None) -> int:
     """Non-embedding parameters of the reference ``softmax`` model at this size."""
-    preset = get_size(size)
-    d = d_model or preset.d_model
-    plans = _plan_layers(["softmax"], d, n_layers or preset.n_layers, size, None)
+    d, n = _dims(size, d_model, n_layers)
+    plans = _plan_layers(["softmax"], d, n, size, None)
     return non_embedding_params([p.params for p in plans], d, softmax_mlp_width(d))
 
 
@@ -64,14 +127,32 @@ def build_config(
     embedding_init_std: float | None = None,
 ) -> MixerZooConfig:
     """The config ``build_model`` would build (see there); cheap, allocates no weights."""
-    preset = get_size(size)
+    if not isinstance(size, str):
+        raise TypeError(f"size must be a size name (str), got {size!r}")
     if not isinstance(name, str) and not (isinstance(name, Sequence) and all(isinstance(n, str) for n in name)):
         raise TypeError(f"name must be a mixer name or a list of names (a hybrid), got {name!r}")
     names = [name] if isinstance(name, str) else list(name)
     if not names:
         raise ValueError("name must be a mixer name or a non-empty list of names (a hybrid)")
-    d = d_model or preset.d_model
-    n = n_layers or preset.n_layers
+    if any(not n for n in names):
+        raise ValueError(f"name: mixer names must be non-empty strings, got {names!r}")
+    # All options are checked before anything is planned, so that an explicit 0 can never fall
+    # through to a default (as `value or DEFAULT` would let it).
+    d, n = _dims(size, d_model, n_layers)
+    check_int("vocab_size", vocab_size, optional=True)
+    check_int("mlp_hidden", mlp_hidden, optional=True)
+    for flag, value in (("match_params", match_params), ("tie_embeddings", tie_embeddings)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False, got {value!r} ({type(value).__name__})")
+    if embedding_init_std is not None and (
+        isinstance(embedding_init_std, bool) or not isinstance(embedding_init_std, (int, float))
+        or not embedding_init_std > 0 or embedding_init_std == float("inf")
+    ):
+        raise ValueError(f"embedding_init_std must be a finite number > 0 or None, got {embedding_init_std!r}")
+    if mixer_options is not None and (
+        not isinstance(mixer_options, dict) or not all(isinstance(k, str) for k in mixer_options)
+    ):
+        raise TypeError(f"mixer_options must be a dict of option name -> value or None, got {mixer_options!r}")
     if n % len(names):
         raise ValueError(f"a hybrid of {len(names)} mixers needs n_layers divisible by {len(names)}, got {n}")
     plans = _plan_layers(names, d, n, size, mixer_options)
@@ -84,7 +165,7 @@ def build_config(
     return MixerZooConfig(
         layers=[{"mixer": p.name, "class": p.class_path, "options": p.options} for p in plans],
         d_model=d,
-        vocab_size=vocab_size or DEFAULT_VOCAB,
+        vocab_size=DEFAULT_VOCAB if vocab_size is None else vocab_size,
         mlp_hidden=mlp_hidden,
         tie_embeddings=tie_embeddings,
         embedding_init_std=embedding_init_std,
@@ -122,7 +203,7 @@ def param_rows(size: str, mixers: Sequence[str] | None = None, **kwargs: Any) ->
     from ..registry import list_mixers
     target = param_target(size, kwargs.get("d_model"), kwargs.get("n_layers"))
     rows = []
-    for name in mixers or list_mixers():
+    for name in list_mixers() if mixers is None else mixers:
         cfg = build_config(name, size, **kwargs)
         mixer_params, states = [], {2048: 0, 16384: 0}
         with torch.device("meta"):

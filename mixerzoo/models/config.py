@@ -6,6 +6,42 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+# Fields without which a saved config cannot describe the model it came from: the constructor's
+# defaults for them exist for code that builds a config by hand, never for filling a file's gaps.
+REQUIRED_FIELDS = ("layers", "d_model", "vocab_size", "mlp_hidden")
+
+
+def check_int(name: str, value: Any, *, minimum: int = 1, optional: bool = False, where: str = "") -> None:
+    """Raise unless ``value`` is an int (not a bool) >= ``minimum`` (or None when ``optional``).
+
+    bool is refused although it is an int subclass: ``True`` as a width or count is a slip,
+    not a request for 1.
+    """
+    if optional and value is None:
+        return
+    prefix = f"{where}: " if where else ""
+    allowed = f"an integer >= {minimum}" + (" or None" if optional else "")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{prefix}{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{prefix}{name} must be {allowed}, got {value!r}")
+
+
+def check_layers(layers: Any, where: str = "") -> None:
+    """``layers`` must be a non-empty list of ``{"mixer": str, "class": str, "options": dict}``."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(layers, list) or not layers:
+        raise ValueError(f"{prefix}layers must be a non-empty list of layer entries "
+                         f"({{'mixer', 'class', 'options'}}), got {layers!r}")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, dict):
+            raise ValueError(f"{prefix}layers[{i}] must be a mapping, got {layer!r}")
+        for key in ("mixer", "class"):
+            if not isinstance(layer.get(key), str) or not layer[key]:
+                raise ValueError(f"{prefix}layers[{i}] needs a non-empty string {key!r}, got {layer.get(key)!r}")
+        if not isinstance(layer.get("options", {}) or {}, dict):
+            raise ValueError(f"{prefix}layers[{i}]['options'] must be a mapping, got {layer['options']!r}")
+
 
 class MixerZooConfig(PretrainedConfig):
     """Configuration of a mixerzoo causal LM.
@@ -46,6 +82,36 @@ class MixerZooConfig(PretrainedConfig):
         kwargs.setdefault("num_hidden_layers", len(self.layers))
         kwargs["tie_word_embeddings"] = tie_embeddings
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        """A config read from a file (``from_pretrained``, ``AutoConfig``): every field that
+        shapes the model must be there and valid, since a constructor default filled in for a
+        missing one would build a different model than the one saved."""
+        from .io import CheckpointError
+
+        where = f"config {kwargs.get('name_or_path') or config_dict.get('_name_or_path') or ''}".strip()
+        try:
+            cls._check_loaded(config_dict, kwargs, where)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(str(e)) from e
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def _check_loaded(cls, config_dict: dict[str, Any], kwargs: dict[str, Any], where: str) -> None:
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(f"{where}: model_type is {model_type!r}, not {cls.model_type!r}; this config "
+                             "describes another architecture (load it with the library that wrote it)")
+        missing = [f for f in REQUIRED_FIELDS if f not in config_dict and f not in kwargs]
+        if missing:
+            raise ValueError(f"{where}: missing required field(s) {missing}; a mixerzoo config.json "
+                             f"needs {list(REQUIRED_FIELDS)} (save it with save_pretrained)")
+        merged = {**config_dict, **{k: v for k, v in kwargs.items() if k in REQUIRED_FIELDS}}
+        check_layers(merged["layers"], where)
+        check_int("d_model", merged["d_model"], where=where)
+        check_int("vocab_size", merged["vocab_size"], where=where)
+        check_int("mlp_hidden", merged["mlp_hidden"], where=where)
 
     @property
     def n_layers(self) -> int:

@@ -20,7 +20,102 @@ from transformers.modeling_outputs import CausalLMOutput
 from ..ops.fused import fused_enabled
 from ..registry import check_options, class_for_layer, construct_mixer
 from .backbone import Block, RMSNorm, SwiGLU
-from .config import MixerZooConfig
+from .build import check_option_types
+from .config import MixerZooConfig, check_int
+
+# forward() keyword arguments transformers callers pass, with the values under which they change
+# nothing here; any other value (or any other name) would be silently ignored, so it is refused.
+_FORWARD_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "output_attentions": (None, False),
+    "output_hidden_states": (None, False),
+    "use_cache": (None, False),
+    "return_dict": (None, True),
+    "past_key_values": (None,),
+    "inputs_embeds": (None,),
+    "position_ids": (None,),
+    "token_type_ids": (None,),
+    "cache_position": (None,),
+    "head_mask": (None,),
+    "logits_to_keep": (None, 0),  # transformers: 0 = keep every position
+    "num_logits_to_keep": (None, 0),
+}
+
+# generate() keyword arguments of transformers' GenerationMixin that mean "nothing special" at
+# these values; other values ask for behaviour (beams, penalties, scores) this decoder lacks.
+_GENERATE_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "num_beams": (None, 1),
+    "num_beam_groups": (None, 1),
+    "num_return_sequences": (None, 1),
+    "repetition_penalty": (None, 1, 1.0),
+    "length_penalty": (None, 1, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "min_new_tokens": (None, 0),
+    "min_length": (None, 0),
+    "typical_p": (None, 1, 1.0),
+    "min_p": (None,),
+    "epsilon_cutoff": (None, 0, 0.0),
+    "eta_cutoff": (None, 0, 0.0),
+    "diversity_penalty": (None, 0, 0.0),
+    "output_scores": (None, False),
+    "output_logits": (None, False),
+    "output_attentions": (None, False),
+    "output_hidden_states": (None, False),
+    "return_dict_in_generate": (None, False),
+    "bad_words_ids": (None,),
+    "force_words_ids": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "logits_processor": (None,),
+    "stopping_criteria": (None,),
+    "prefix_allowed_tokens_fn": (None,),
+    "streamer": (None,),
+    "assistant_model": (None,),
+    "generation_config": (None,),
+    "stop_strings": (None,),
+    "synced_gpus": (None, False),
+}
+# Accepted with any value: they cannot change the tokens produced (no padding is ever added;
+# the recurrent state is the cache, and using it or not gives the same tokens).
+_GENERATE_FREE = ("pad_token_id", "bos_token_id", "use_cache", "tokenizer")
+
+
+def _is_neutral(value: Any, allowed: tuple[Any, ...]) -> bool:
+    # identity/type-exact comparison: a tensor or list must not be compared with ==, and
+    # True must not pass for 1 (num_beams=True is not a valid request either).
+    for a in allowed:
+        if value is a:
+            return True
+        if a is not None and not isinstance(a, bool) and type(value) in (int, float) and value == a:
+            return True
+    return False
+
+
+def _refuse_kwargs(where: str, kwargs: dict[str, Any], neutral: dict[str, tuple[Any, ...]],
+                   accepted: str, free: tuple[str, ...] = ()) -> None:
+    """One error naming every keyword argument that would otherwise be dropped on the floor."""
+    bad = [k for k, v in kwargs.items() if k not in free and not (k in neutral and _is_neutral(v, neutral[k]))]
+    if bad:
+        parts = [f"{k}={_short(kwargs[k])} (" + (f"only {k}={neutral[k][-1]!r} is supported" if k in neutral
+                                                   else "not an argument of this model") + ")" for k in bad]
+        raise ValueError(f"{where}: unsupported argument(s) {', '.join(parts)}. {accepted}")
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {tuple(value.shape)}>"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _value_checks_allowed(t: torch.Tensor) -> bool:
+    """Whether a data-dependent check (a host sync) may run now: not while torch.compile traces
+    (it would break the graph) nor while a CUDA graph is captured (a sync is illegal there)."""
+    if torch.compiler.is_compiling() or t.is_meta:  # meta: shape-only runs have no values
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _build_mixer(layer: dict[str, Any], d_model: int, layer_idx: int) -> nn.Module:
@@ -28,6 +123,7 @@ def _build_mixer(layer: dict[str, Any], d_model: int, layer_idx: int) -> nn.Modu
     cls = class_for_layer(name, layer["class"])
     options = dict(layer.get("options") or {})
     check_options(name, cls, options)
+    check_option_types(name, cls, options)
     return construct_mixer(cls, d_model, layer_idx, options, name)
 
 
@@ -47,6 +143,9 @@ class MixerZooForCausalLM(PreTrainedModel):
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
     supports_gradient_checkpointing = True
+    # transformers' Trainer passes num_items_in_batch to a forward that takes **kwargs unless
+    # told not to; our loss is a plain mean, so that argument must never be sent (it is refused).
+    accepts_loss_kwargs = False
 
     def __init__(self, config: MixerZooConfig):
         super().__init__(config)
@@ -65,6 +164,23 @@ class MixerZooForCausalLM(PreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any):
+        """transformers' loader, except that a checkpoint whose weights do not match its config
+        (missing, unexpected or mismatched tensors) is an error instead of a model with freshly
+        random weights and a logged warning. Used by ``AutoModelForCausalLM`` too."""
+        from .io import CheckpointError
+
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        bad = {k: sorted(map(str, v)) for k, v in info.items()
+               if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if bad:
+            detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(v)}" for k, v in bad.items())
+            raise CheckpointError(f"{pretrained_model_name_or_path}: checkpoint weights do not match its config "
+                                  f"({detail}); refusing to fill them with random values")
+        return (model, info) if want_info else model
+
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute every block's forward during backward (memory for about a third more time)."""
         self.gradient_checkpointing = bool(enabled)
@@ -75,7 +191,8 @@ class MixerZooForCausalLM(PreTrainedModel):
         # the λ MLP's zero output layer) and must not be overwritten here.
         std = self.config.initializer_range
         if module is self.embed:
-            nn.init.normal_(module.weight, std=self.config.embedding_init_std or std)
+            emb_std = self.config.embedding_init_std
+            nn.init.normal_(module.weight, std=std if emb_std is None else emb_std)
         elif module is self.lm_head:
             nn.init.normal_(module.weight, std=std)
         elif isinstance(module, SwiGLU):
@@ -98,11 +215,58 @@ class MixerZooForCausalLM(PreTrainedModel):
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(self.norm(h), self._head_weight())
 
-    def _check_ids(self, input_ids: torch.Tensor) -> None:
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an integer tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids has no tokens (T = 0)")
+    def _check_ids(self, input_ids: Any, name: str = "input_ids", dims: int = 2) -> None:
+        """Metadata only (no sync): a tensor of integer ids with ``dims`` dimensions, T > 0."""
+        shape = "[B, T]" if dims == 2 else "[B]"
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"{name} must be an integer tensor {shape}, got {type(input_ids).__name__}")
+        if input_ids.dim() != dims or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name} must be an integer tensor {shape}, got {input_ids.dtype} {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"{name} has no tokens (shape {tuple(input_ids.shape)})")
+
+    def _check_values(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None, name: str = "input_ids") -> None:
+        """Token ids within the vocabulary, labels within it or -100, no padding in the mask.
+
+        The embedding would otherwise fail with "index out of range in self" on CPU, a
+        device-side assert on GPU, and a fused loss might read out of bounds unnoticed. All
+        statistics travel in one small tensor, so this is one host sync per call; it is skipped
+        while torch.compile traces or a CUDA graph is captured (see _value_checks_allowed). A
+        CUDA training step (grad enabled, no mask) checks on the device instead, without a sync.
+        """
+        if not _value_checks_allowed(input_ids):
+            return
+        vocab = self.embed.num_embeddings
+        if input_ids.is_cuda and torch.is_grad_enabled() and attention_mask is None:
+            # a training step: no host sync per step; the device checks and fails the run later
+            # with this message if an id is out of range (the trainer's data cannot be: its
+            # vocabulary covers the tokenizer's)
+            ok = (input_ids >= 0).all() & (input_ids < vocab).all()
+            if labels is not None:
+                ok = ok & ((labels == -100) | ((labels >= 0) & (labels < vocab))).all()
+            torch._assert_async(ok, f"input_ids or labels hold token ids outside [0, {vocab})")
+            return
+        stats = [input_ids.min(), input_ids.max()]
+        if labels is not None:
+            real = labels != -100
+            stats += [torch.where(real, labels, 0).min(), torch.where(real, labels, 0).max()]
+        if attention_mask is not None:
+            stats.append((attention_mask == 1).all())
+        values = torch.stack([v.to(torch.int64) for v in stats]).tolist()
+        if attention_mask is not None and not values[-1]:
+            raise ValueError("padded batches (attention_mask with values other than 1) are not supported; "
+                             "batch sequences of equal length or run them one by one")
+        for what, t, lo, hi, extra in ((name, input_ids, *values[:2], ""),
+                                       *((("labels", labels, *values[2:4], " (or -100, ignored)"),)
+                                         if labels is not None else ())):
+            if lo < 0 or hi >= vocab:
+                bad = lo if lo < 0 else hi
+                if what == "labels":
+                    bad = int(labels[(labels != -100) & ((labels < 0) | (labels >= vocab))][0])
+                where = tuple((t == bad).nonzero()[0].tolist())
+                raise ValueError(f"{what} holds token id {bad} at position {where}, outside the vocabulary "
+                                 f"of {vocab} tokens (ids must be in [0, {vocab}){extra})")
 
     def forward(
         self,
@@ -112,16 +276,36 @@ class MixerZooForCausalLM(PreTrainedModel):
         return_logits: bool = True,
         **kwargs: Any,
     ) -> CausalLMOutput:
-        # attention_mask is accepted for API compatibility; left padding is not supported by
-        # recurrent mixers, so a mask with zeros is refused rather than silently ignored.
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padded batches (attention_mask with zeros) are not supported; "
-                             "batch sequences of equal length or run them one by one")
+        # All validation of this surface is here, before any compute. attention_mask is
+        # accepted for API compatibility (HF collators send all-ones masks); left padding is not
+        # supported by recurrent mixers, so a mask with zeros is refused rather than ignored.
+        if kwargs:
+            _refuse_kwargs("MixerZooForCausalLM.forward", kwargs, _FORWARD_NEUTRAL,
+                           "Arguments: input_ids, labels, attention_mask (all ones), return_logits; "
+                           "transformers' cache/hidden-state/embedding options only at their defaults.")
         self._check_ids(input_ids)
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+        if not isinstance(return_logits, bool):
+            raise TypeError(f"return_logits must be True or False, got {return_logits!r}")
+        if labels is not None:
+            # int64 only: cross-entropy refuses int32 targets deep inside with a message naming neither
+            if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
+                got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+                raise TypeError(f"labels must be an int64 tensor [B, T] (the input ids, -100 ignored), got {got}")
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+            if input_ids.shape[1] < 2:
+                # position t predicts token t + 1: with one token there is no target, and the
+                # mean over zero targets would come back as nan
+                raise ValueError(f"labels: next-token loss needs T >= 2 tokens per sequence, got input_ids "
+                                 f"of shape {tuple(input_ids.shape)}")
         if labels is None and not return_logits:
             raise ValueError("return_logits=False only makes sense with labels (the loss is all that is returned)")
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+                got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+                raise ValueError(f"attention_mask must be a tensor of the shape of input_ids "
+                                 f"{tuple(input_ids.shape)}, got {got}")
+        self._check_values(input_ids, labels, attention_mask)
         h = self.embed(input_ids)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
@@ -162,6 +346,11 @@ class MixerZooForCausalLM(PreTrainedModel):
     def prefill(self, input_ids: torch.Tensor, state: list[Any] | None = None) -> tuple[torch.Tensor, list[Any]]:
         """Run ``input_ids [B, T]`` from ``state``; returns last-position logits [B, V] and the state."""
         self._check_ids(input_ids)
+        self._check_values(input_ids)
+        return self._prefill(input_ids, state)
+
+    def _prefill(self, input_ids: torch.Tensor, state: list[Any] | None) -> tuple[torch.Tensor, list[Any]]:
+        # generate() has validated the prompt already; not checking twice saves a host sync
         if state is None:
             state = self.init_state(input_ids.shape[0])
         h = self.embed(input_ids)
@@ -173,6 +362,17 @@ class MixerZooForCausalLM(PreTrainedModel):
 
     def step(self, token: torch.Tensor, state: list[Any]) -> tuple[torch.Tensor, list[Any]]:
         """One token per sequence, ``token [B]``; returns logits [B, V] and the new state."""
+        self._check_ids(token, "token", dims=1)
+        if not isinstance(state, list) or len(state) != len(self.blocks):
+            raise ValueError(f"state must be the list of {len(self.blocks)} per-layer states from init_state/"
+                             f"prefill/step, got {type(state).__name__}"
+                             + (f" of length {len(state)}" if isinstance(state, list) else ""))
+        self._check_values(token, name="token")
+        return self._step(token, state)
+
+    def _step(self, token: torch.Tensor, state: list[Any]) -> tuple[torch.Tensor, list[Any]]:
+        # generate's inner loop: its tokens come from the model's own vocabulary, so the
+        # per-step host sync of step()'s range check is not paid here
         h = self.embed(token)
         new_state = []
         for blk, s in zip(self.blocks, state):
@@ -194,28 +394,28 @@ class MixerZooForCausalLM(PreTrainedModel):
         eos_token_id: int | list[int] | None = None,
         generator: torch.Generator | None = None,
         attention_mask: torch.Tensor | None = None,
-        **_: Any,
+        **kwargs: Any,
     ) -> torch.Tensor:
         """Greedy or sampled continuation of ``input_ids [B, T]``; returns ``[B, T + n]``.
 
         The prompt is consumed by one parallel prefill, then each new token costs one
         recurrent step per layer. Sequences that emit ``eos_token_id`` keep emitting it.
+
+        ``max_new_tokens`` (default 20) or ``max_length`` (prompt included), not both;
+        sampling (``do_sample=True``) takes ``temperature > 0``, ``top_k`` (an int >= 1; None
+        disables it, 0 is refused rather than read as "disabled") and ``top_p`` in (0, 1]
+        (1 disables it). transformers' other generation options are accepted only at their
+        neutral values (``num_beams=1``, ``repetition_penalty=1.0``, ...); ``pad_token_id``,
+        ``bos_token_id`` and ``use_cache`` are accepted and have no effect.
         """
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("generate does not support padded prompts; pass equal-length prompts")
-        if max_new_tokens is None:
-            if max_length is not None and max_length < input_ids.shape[1]:
-                raise ValueError(f"max_length={max_length} is shorter than the prompt ({input_ids.shape[1]} tokens)")
-            max_new_tokens = (max_length - input_ids.shape[1]) if max_length is not None else 20
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if do_sample and temperature <= 0:
-            raise ValueError("temperature must be > 0 when sampling")
-        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        max_new_tokens, eos = self._generation_args(
+            input_ids, max_new_tokens, max_length, do_sample, temperature, top_k, top_p,
+            eos_token_id, generator, attention_mask, kwargs,
+        )
         out = input_ids
         if max_new_tokens == 0:
             return out
-        logits, state = self.prefill(input_ids)
+        logits, state = self._prefill(input_ids, None)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for i in range(max_new_tokens):
             token = _choose(logits.float(), do_sample, temperature, top_k, top_p, generator)
@@ -225,8 +425,67 @@ class MixerZooForCausalLM(PreTrainedModel):
             out = torch.cat([out, token[:, None]], dim=1)
             if (eos and bool(done.all())) or i == max_new_tokens - 1:
                 break
-            logits, state = self.step(token, state)
+            logits, state = self._step(token, state)
         return out
+
+    def _generation_args(self, input_ids, max_new_tokens, max_length, do_sample, temperature, top_k, top_p,
+                         eos_token_id, generator, attention_mask, kwargs) -> tuple[int, list[int]]:
+        """Every check of generate()'s arguments (once per call, before any compute); returns
+        the number of new tokens and the list of EOS ids."""
+        _refuse_kwargs("MixerZooForCausalLM.generate", kwargs, _GENERATE_NEUTRAL,
+                       "Arguments: max_new_tokens or max_length, do_sample, temperature, top_k, top_p, "
+                       "eos_token_id, generator, attention_mask (all ones); accepted without effect: "
+                       f"{', '.join(_GENERATE_FREE)}; beam search, penalties, scores and other "
+                       "transformers generation options are not supported.", _GENERATE_FREE)
+        self._check_ids(input_ids)
+        if attention_mask is not None and (
+            not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape
+        ):
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+        # ids in range and an all-ones mask: one host sync for the whole call
+        self._check_values(input_ids, attention_mask=attention_mask)
+        prompt = input_ids.shape[1]
+        if max_new_tokens is not None and max_length is not None:
+            raise ValueError(f"pass max_new_tokens or max_length, not both (got max_new_tokens={max_new_tokens!r}, "
+                             f"max_length={max_length!r})")
+        if max_length is not None:
+            check_int("max_length", max_length, minimum=prompt)
+            max_new_tokens = max_length - prompt
+        elif max_new_tokens is None:
+            max_new_tokens = 20
+        check_int("max_new_tokens", max_new_tokens, minimum=0)
+        if not isinstance(do_sample, bool):
+            raise TypeError(f"do_sample must be True or False, got {do_sample!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
+            raise TypeError(f"temperature must be a finite number, got {temperature!r}")
+        check_int("top_k", top_k, optional=True)
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                                  or not 0 < top_p <= 1):
+            raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+        if do_sample:
+            if temperature <= 0:
+                raise ValueError(f"temperature must be > 0 when sampling (do_sample=True), got {temperature!r}; "
+                                 "use do_sample=False for greedy decoding")
+        else:
+            # transformers warns and ignores these under greedy decoding; a caller who set them
+            # expected sampling, so the mismatch is an error
+            ignored = {k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
+                       if v is not None and not (k == "temperature" and v == 1.0)}
+            if ignored:
+                raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in ignored.items())} only apply when "
+                                 "sampling: pass do_sample=True, or leave them unset for greedy decoding")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        eos = [eos_token_id] if eos_token_id is None or isinstance(eos_token_id, int) else eos_token_id
+        if not isinstance(eos, (list, tuple)):
+            raise TypeError(f"eos_token_id must be an int, a list of ints or None, got {eos_token_id!r}")
+        eos = [e for e in eos if e is not None] if eos_token_id is None else list(eos)
+        vocab = self.embed.num_embeddings
+        for e in eos:
+            if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < vocab:
+                raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {eos_token_id!r}")
+        return max_new_tokens, eos
 
     # --- introspection -----------------------------------------------------------------------
     def backends(self) -> dict[str, str | None]:
@@ -247,10 +506,10 @@ def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_k, to
     if not do_sample:
         return logits.argmax(-1)
     logits = logits / temperature
-    if top_k is not None and top_k > 0:
+    if top_k is not None:  # generate() has checked top_k >= 1 and 0 < top_p <= 1
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
+    if top_p is not None and top_p < 1:
         sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)

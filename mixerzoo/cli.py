@@ -41,9 +41,20 @@ def _count(n: int | None) -> str:
     return "-" if n is None else f"{n:,}"
 
 
+def _check_json_path(path: str) -> None:
+    """Refuse a --json path that could not be written, before the table is computed."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"--json {path!r} is a folder; give a file path such as {str(target / 'params.json')!r}")
+    if not target.parent.is_dir():
+        raise ValueError(f"--json {path!r}: the folder {str(target.parent)!r} does not exist")
+
+
 def cmd_params(args: argparse.Namespace) -> int:
     from .models.build import param_rows, param_target
 
+    if args.json:
+        _check_json_path(args.json)
     kwargs = {"vocab_size": args.vocab_size}
     rows = param_rows(args.size, _mixer_list(args.mixers), **kwargs)
     target = param_target(args.size)
@@ -67,6 +78,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    # argparse names the flag in its message ("argument --seeds: ...") and exits with 2.
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
 def _time_limit(args: argparse.Namespace) -> dict:
     """The --time-limit override: nothing when absent, no cap for 0."""
     if args.time_limit is None:
@@ -75,14 +97,17 @@ def _time_limit(args: argparse.Namespace) -> dict:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from .evals.synthetic import format_table, preset, run_synthetic
+    from .evals.synthetic import check_out_dir, format_table, preset, run_synthetic
 
+    if args.out is not None:
+        # before the sweep: a bad --out would otherwise only fail once every run had trained
+        check_out_dir(args.out, what="--out")
     overrides = {k: v for k, v in {
         "mixers": tuple(_mixer_list(args.mixers)) if args.mixers else None,
         "device": args.device,
         "out_dir": args.out,
         "max_steps": args.steps,
-        "seeds": tuple(range(args.seeds)) if args.seeds else None,
+        "seeds": tuple(range(args.seeds)) if args.seeds is not None else None,
     }.items() if v is not None}
     config = preset(args.preset, task=args.task, **overrides, **_time_limit(args))
     results = run_synthetic(config)
@@ -201,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("params", help="parameter table of every mixer at a size")
     s.add_argument("--size", default="125m")
     s.add_argument("--mixers", default="all", help="comma-separated names, or 'all'")
-    s.add_argument("--vocab-size", type=int, default=None)
+    s.add_argument("--vocab-size", type=_positive_int, default=None)
     s.add_argument("--json", default=None, help="also write the table as JSON here")
     s.set_defaults(func=cmd_params)
 
@@ -211,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="quick", choices=["demo", "quick", "full"])
     s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     s.add_argument("--out", default=None, help="results folder (JSON, CSV, PNG)")
-    s.add_argument("--steps", type=int, default=None)
-    s.add_argument("--seeds", type=int, default=None, help="number of seeds")
+    s.add_argument("--steps", type=_positive_int, default=None, help="training steps per run (>= 1)")
+    s.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds (>= 1)")
     s.add_argument("--time-limit", type=_seconds, default=None, metavar="SECONDS",
                    help="per-run training time cap (0: none; default: the preset's)")
     s.set_defaults(func=cmd_synth)

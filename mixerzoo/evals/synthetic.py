@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
 import platform
 import statistics
 import time
@@ -414,6 +415,23 @@ def resolve_mixers(mixers: tuple[str, ...]) -> list[str]:
 # The sweep.
 
 
+def check_out_dir(out_dir: str | Path, what: str = "out_dir") -> None:
+    """Refuse an ``out_dir`` the results could not be written to: an existing file, a path
+    under a file, or a folder without write permission. Run before any training, so that a
+    sweep never ends in an error about where it was meant to go. ``what`` names the path in
+    the message (the CLI's ``--out``)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{what} {str(out)!r} is an existing file, not a folder: choose another path")
+    parent = out
+    while not parent.exists():  # the nearest existing ancestor, where mkdir would start
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{what} {str(out)!r} lies under the file {str(parent)!r}: choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {str(out)!r}: no permission to write in {str(parent)!r}")
+
+
 def run_synthetic(config: SyntheticRunConfig) -> dict[str, Any]:
     """Run the sweep; returns ``{"config", "environment", "complete", "runs", "summary",
     "param_spread", "files"}`` and writes the files when ``config.out_dir`` is set.
@@ -425,6 +443,8 @@ def run_synthetic(config: SyntheticRunConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     cfg = config
+    if cfg.out_dir is not None:
+        check_out_dir(cfg.out_dir)
     device = resolve_device(cfg.device)
     mixers = resolve_mixers(cfg.mixers)
     grid = [(L, d) for L in cfg.seq_lens for d in cfg.d_models]

@@ -8,7 +8,7 @@ import torch
 
 from .chunked import chunked_log_linear_attn
 from .naive import naive_log_linear_attn
-from .state import TRITON_HEAD_DIMS, LogLinearState, check_inputs, lam_as_4d
+from .state import TRITON_HEAD_DIMS, LogLinearState, check_finite_values, check_inputs, lam_as_4d
 
 __all__ = ["BACKENDS", "log_linear_attn", "resolve_backend"]
 
@@ -71,6 +71,7 @@ def log_linear_attn(
     backend: str = "auto",
     cu_seqlens: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    check_finite: bool = False,
 ) -> tuple[torch.Tensor, LogLinearState | None]:
     """Log-linear attention (see ``naive.py`` for the definition).
 
@@ -94,6 +95,29 @@ def log_linear_attn(
             (formed in fp32, kept in v's dtype; Mamba-2's ``x · dt``). The stateless Triton path
             forms them inside its autograd Function and again in backward, so the product is
             never kept for backward; gradients reach both v and v_scale.
+        check_finite: also check the values, not only shapes, dtypes and devices: refuse
+            (ValueError naming the tensor and its first bad index) a NaN or ±inf in q, k, v,
+            λ, v_scale or the initial state, ``g > 0`` or NaN, and ``λ < 0``. This reads every
+            input, so it costs a device sync; off by default, where only the metadata checks
+            run and values are taken as they are.
+
+    Non-finite values and causality:
+        ``g = -inf`` is a full reset: tokens from it on see nothing before it, and their
+        outputs equal those of a fresh start (the state after it too). The torch and naive
+        backends compute it so (``check_finite`` lets it through there); the Triton kernels
+        do not (their outputs from the reset on are NaN), so with ``check_finite=True`` a
+        resolved Triton backend refuses it. A reset does not clean a NaN/inf that came before it.
+
+        The torch and naive backends are causal for non-finite inputs too: a NaN/inf at
+        position ``s`` in k, v, g or λ makes only the outputs at ``t >= s`` non-finite (in the
+        heads and, for v, the value columns it reaches). The Triton kernels are not, for k and
+        v: a NaN/inf key or value at ``s`` also turns the outputs of the earlier tokens of its
+        64-token chunk into NaN (the masked entries of the in-chunk product are 0 · NaN);
+        g and λ stay causal there. Pass ``check_finite=True`` to have such inputs refused
+        instead, or use backend='torch'. This holds for the outputs only: on every backend
+        the gradients reaching earlier tokens can still turn NaN (a backward product meets
+        the non-finite input even where its forward weight was masked), so check inputs
+        you train on.
 
     Returns:
         ``(o, state)``: o ``[B, T, H, V]`` in v's dtype (fp32 accumulation, fp64 for fp64
@@ -102,9 +126,13 @@ def log_linear_attn(
     check_inputs(q, k, v, g, lam, scale, initial_state)
     stateful = initial_state is not None or output_final_state
     name = resolve_backend(backend, q.device, dtype=q.dtype, dims=(q.shape[-1], v.shape[-1]))
+    if v_scale is not None and v_scale.shape != v.shape[:3]:
+        raise ValueError(f"v_scale must be [B, T, H] = {list(v.shape[:3])}, got {list(v_scale.shape)}")
+    if check_finite:
+        # Resets (g = -inf) are a fresh start only where the torch code computes them.
+        check_finite_values(q, k, v, g, lam, allow_reset=name in ("torch", "naive"),
+                            v_scale=v_scale, initial_state=initial_state)
     if v_scale is not None:
-        if v_scale.shape != v.shape[:3]:
-            raise ValueError(f"v_scale must be [B, T, H] = {list(v.shape[:3])}, got {list(v_scale.shape)}")
         if name == "triton" and not stateful and cu_seqlens is None and triton_available(q.device):
             from .triton_ops import triton_log_linear_attn
 

@@ -111,19 +111,30 @@ def chunked_log_linear_attn(
     lam6 = _split_heads(lam4, G)  # [B', G', R', NC', C', L], NC' C' both 1 for a λ constant in time
 
     # 1. Intra-chunk.
-    Gc = torch.cumsum(gc, dim=-1)  # [B, G, R, NC, C], log-decay from the chunk start
+    Gc = torch.cumsum(gc, dim=-1)  # [B, G, R, NC, C], log-decay from the chunk start (-inf past a reset)
+    # A reset (g = -inf) makes Gc_i − Gc_j = -inf − (-inf) = NaN for pairs after it: pair
+    # decays come from the finite part of g, and only within one reset segment.
+    reset = gc == float("-inf")
+    Gf = torch.cumsum(gc.masked_fill(reset, 0.0), dim=-1)
+    seg = torch.cumsum(reset.to(torch.int32), dim=-1)
     i = torch.arange(C, device=device)
     causal = i[:, None] >= i[None, :]
     level = bit_length(i[:, None] ^ i[None, :]).clamp(max=L - 1)  # [C, C]
     lam_c = lam6.expand(*lam6.shape[:4], C, L)
     lam_intra = torch.gather(lam_c, -1, level.expand(*lam6.shape[:4], C, C))
-    decay = torch.exp((Gc[..., :, None] - Gc[..., None, :]).masked_fill(~causal, float("-inf")))
+    reach = causal & (seg[..., :, None] == seg[..., None, :])
+    decay = torch.exp((Gf[..., :, None] - Gf[..., None, :]).masked_fill(~reach, float("-inf")))
     scores = torch.einsum("bgnik,bgnjk->bgnij", qc, kc)[:, :, None]  # shared by the R heads
-    o = torch.einsum("bgrnij,bgrnjv->bgrniv", lam_intra * decay * scores, vc)
+    # where, not a product with the 0 weights: a non-finite future key in the chunk must not
+    # reach earlier queries (0 · NaN is NaN); likewise the values, see _poison.
+    weights = torch.where(reach, lam_intra * decay * scores, 0.0)
+    o = torch.einsum("bgrnij,bgrnjv->bgrniv", weights, _finite_or_zero(vc))
+    o = _poison(o, vc, dim=-2)
 
     # 2. Chunk states, decayed to each chunk's last token.
-    g_chunk = Gc[..., -1]  # [B, G, R, NC]
-    S = torch.einsum("bgnck,bgrncv->bgrnkv", kc, vc * torch.exp(g_chunk[..., None] - Gc)[..., None])
+    g_chunk = Gc[..., -1]  # [B, G, R, NC]; -inf for a chunk with a reset, so the tree drops what precedes it
+    to_end = (Gf[..., -1:] - Gf).masked_fill(seg[..., -1:] != seg, float("-inf"))
+    S = torch.einsum("bgnck,bgrncv->bgrnkv", kc, vc * torch.exp(to_end)[..., None])
 
     # 3 + 4. Walk up the tree; at height h = j − 1 every chunk with bit h set reads the left
     # sibling of its ancestor. D is the log-decay from that node's end to the chunk's start:
@@ -138,7 +149,10 @@ def chunked_log_linear_attn(
         node = (chunk >> h) - 1
         valid = ((chunk >> h) & 1).bool() & (node >= first)
         idx = (node - first).clamp(0, nodes.shape[3] - 1)
-        S_node = nodes[:, :, :, idx]  # [B, G, R, NC, K, V]
+        # A chunk with no node to read at this height gets a clamped index: zero what it reads
+        # (rather than weighting it by 0), as that node may hold the chunk's own or a later
+        # chunk's keys, NaN included.
+        S_node = torch.where(valid[:, None, None], nodes[:, :, :, idx], 0.0)  # [B, G, R, NC, K, V]
         g_node = torch.where(valid, node_g[..., idx], 0.0)
         lam_j = lam6[..., min(log_c + h + 1, L - 1)]  # [B', G', R', NC', C']
         expo = torch.where(valid[:, None], Gc + D[..., None], float("-inf"))
@@ -168,6 +182,22 @@ def chunked_log_linear_attn(
     if not output_final_state:
         return o, None
     return o, LogLinearState(_final_levels(k, v, g, a, levels_in, dtype), a + T)
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, 0.0)
+
+
+def _poison(o: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
+    """NaN in ``o`` where a non-finite value of ``v`` lies at or before the row along ``dim``.
+
+    The in-chunk product with the values runs over every key of the chunk, later ones at
+    weight 0, and 0 · NaN is NaN: so it is taken over finite values only, and a non-finite
+    value at s then marks the outputs t >= s of its chunk and value column, as a sum over
+    s <= t alone would. Later chunks get it through the chunk state, which keeps it.
+    """
+    seen = torch.cumsum((~torch.isfinite(v)).to(torch.int32), dim=dim) > 0
+    return o.masked_fill(seen, float("nan"))
 
 
 def _final_levels(

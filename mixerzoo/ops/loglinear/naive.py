@@ -53,7 +53,13 @@ def naive_log_linear_attn(
     kh = k.to(dtype).repeat_interleave(R, dim=2)
     vf = v.to(dtype)
     lamf = lam_as_4d(lam).to(dtype).expand(B, T, H, L)
-    Gc = rearrange(torch.cumsum(g.to(dtype), dim=1), "b t h -> b h t")  # G_t − G_{a−1}
+    gf = g.to(dtype)
+    Gc = rearrange(torch.cumsum(gf, dim=1), "b t h -> b h t")  # G_t − G_{a−1}
+    # A reset (g = -inf) makes G_t − G_s = -inf − (-inf) = NaN for pairs after it, so pair
+    # decays are taken from the finite part of g, within the same reset segment only.
+    reset = gf == float("-inf")
+    Gf = rearrange(torch.cumsum(gf.masked_fill(reset, 0.0), dim=1), "b t h -> b h t")
+    seg = rearrange(torch.cumsum(reset.to(torch.int64), dim=1), "b t h -> b h t")
 
     a = 0 if initial_state is None else int(initial_state.offset)
     pos = a + torch.arange(T, device=device)
@@ -64,9 +70,13 @@ def naive_log_linear_attn(
     lam_ts = torch.gather(lamf, 3, level[None, :, None, :].expand(B, T, H, T))
     lam_ts = rearrange(lam_ts, "b t h s -> b h t s")
     # -inf above the diagonal before exp, so that no exp(positive) overflows into 0 * inf.
-    decay = torch.exp((Gc[..., :, None] - Gc[..., None, :]).masked_fill(~causal, float("-inf")))
+    reach = causal & (seg[..., :, None] == seg[..., None, :])
+    decay = torch.exp((Gf[..., :, None] - Gf[..., None, :]).masked_fill(~reach, float("-inf")))
     scores = torch.einsum("bthk,bshk->bhts", qh, kh)
-    o = torch.einsum("bhts,bshv->bthv", lam_ts * decay * scores, vf)
+    # where, not a product with the 0 weights: a non-finite future key must not reach t.
+    weights = torch.where(reach, lam_ts * decay * scores, 0.0)
+    o = torch.einsum("bhts,bshv->bthv", weights, _finite_or_zero(vf))
+    o = _poison(o, vf, dim=1)
 
     levels_in = None
     if initial_state is not None and initial_state.levels.shape[2] > 0:
@@ -87,7 +97,8 @@ def naive_log_linear_attn(
     n_out = max(e.bit_length(), n_in)
     # New key s goes to bucket bit_length(e XOR s) − 1, decayed to e − 1.
     bucket = F.one_hot(bit_length(pos ^ e) - 1, n_out).to(dtype)  # [T, n_out]
-    w = torch.exp(Gc[..., -1:] - Gc)  # [B, H, T]
+    # decay from s to e − 1: zero across a reset (again no -inf − (-inf))
+    w = torch.exp((Gf[..., -1:] - Gf).masked_fill(seg[..., -1:] != seg, float("-inf")))  # [B, H, T]
     levels = torch.einsum("tj,bht,bthk,bthv->bhjkv", bucket, w, kh, vf)
     if levels_in is not None:
         # Dyadic intervals nest: bucket j of a lies inside bucket max(j, bit_length(e XOR a) − 1) of e.
@@ -96,3 +107,18 @@ def naive_log_linear_attn(
         carried = torch.einsum("jm,bhjkv->bhmkv", merge, levels_in)
         levels = levels + torch.exp(Gc[..., -1])[..., None, None, None] * carried
     return o, LogLinearState(levels, e)
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, 0.0)
+
+
+def _poison(o: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
+    """NaN in ``o`` where a non-finite value of ``v`` lies at or before the row along ``dim``.
+
+    The weighted sum over values runs over every position, future ones at weight 0, and
+    0 · NaN is NaN: so it is taken over finite values only, and a non-finite value at s then
+    marks the outputs t >= s of its value column, as the sum over s <= t alone would.
+    """
+    seen = torch.cumsum((~torch.isfinite(v)).to(torch.int32), dim=dim) > 0
+    return o.masked_fill(seen, float("nan"))

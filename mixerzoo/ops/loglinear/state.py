@@ -158,3 +158,45 @@ def check_inputs(q, k, v, g, lam, scale, initial_state=None) -> tuple[int, int, 
 def lam_as_4d(lam: torch.Tensor) -> torch.Tensor:
     """View a broadcastable λ as 4-D ``[B', T', H', L]`` (each of B', T', H' is 1 or full)."""
     return lam.reshape((1,) * (4 - lam.dim()) + tuple(lam.shape))
+
+
+def _first_position(bad: torch.Tensor) -> list[int]:
+    # nonzero() lists indices in row-major order, so its first row is the first bad element.
+    return bad.nonzero()[0].tolist()
+
+
+def check_finite_values(q, k, v, g, lam, *, allow_reset: bool, v_scale=None, initial_state=None) -> None:
+    """Refuse non-finite values, ``g > 0`` and ``λ < 0`` (ValueError naming the tensor and its
+    first bad index). Reads every value, so it syncs with the device; ``log_linear_attn`` runs
+    it only when asked (``check_finite=True``).
+
+    ``g = -inf`` (a full reset: nothing before it reaches the tokens from it on) passes when
+    ``allow_reset``, i.e. on the backends that compute it as a fresh start.
+    """
+    named = [("q", q), ("k", k), ("v", v), ("lam", lam)]
+    if v_scale is not None:
+        named.append(("v_scale", v_scale))
+    if initial_state is not None:
+        named.append(("initial_state.levels", initial_state.levels))
+    for name, x in named:
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            pos = _first_position(bad)
+            raise ValueError(f"{name} has a non-finite value ({x[tuple(pos)].item()}) at index {pos}")
+    bad_lam = lam < 0
+    if bool(bad_lam.any()):
+        pos = _first_position(bad_lam)
+        raise ValueError(f"lam must be >= 0, got {lam[tuple(pos)].item()} at index {pos}")
+    if allow_reset:
+        bad_g = torch.isnan(g) | (g > 0)
+    else:
+        bad_g = ~torch.isfinite(g) | (g > 0)
+    if bool(bad_g.any()):
+        pos = _first_position(bad_g)
+        value = g[tuple(pos)].item()
+        if value == float("-inf"):
+            raise ValueError(
+                f"g = -inf (a reset) at index {pos}: the Triton backend does not compute resets "
+                "(its outputs from there on would be NaN); use backend='torch' or 'naive'"
+            )
+        raise ValueError(f"g must be a finite log-decay <= 0, got {value} at index {pos}")

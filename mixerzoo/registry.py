@@ -362,7 +362,7 @@ def construct_mixer(cls: type, d_model: int, layer_idx: int, options: dict[str, 
     """``cls(d_model, layer_idx=i, **options)``, a constructor's TypeError turned into a
     RegistryError that names the mixer and the options it accepts."""
     try:
-        return cls(d_model, layer_idx=layer_idx, **options)
+        mixer = cls(d_model, layer_idx=layer_idx, **options)
     except TypeError as e:
         named, _ = accepted_options(cls)
         raise RegistryError(
@@ -370,3 +370,12 @@ def construct_mixer(cls: type, d_model: int, layer_idx: int, options: dict[str, 
             f"{options}: {e}. Mixers are built as cls(d_model, layer_idx=i, **options); "
             f"options it names: {sorted(named)}"
         ) from e
+    from torch import nn
+
+    if not isinstance(mixer, nn.Module):
+        raise RegistryError(
+            f"mixer {name or cls.__name__!r} ({cls.__module__}.{cls.__name__}) built a "
+            f"{type(mixer).__name__}, not a torch.nn.Module; a mixer is an nn.Module mapping "
+            "[B, T, d_model] to [B, T, d_model] (subclass mixerzoo.mixers.base.Mixer)"
+        )
+    return mixer

@@ -234,7 +234,7 @@ class NanGradient(_Linear):
         (StepForgetsTheBias, "step", "steps from init_state vs forward"),
         (PrefillSkipsTheState, "prefill", r"prefill of x\[:, 9:\] after a prefill of 9 tokens"),
         (StateSizeUndercounts, "state_size", "state_size.*holds 32 elements"),
-        (NotAModule, "module", "not an nn.Module"),
+        (NotAModule, "module", "nn.Module"),
         (ReadsValuesInInit, "meta", "meta device"),
         (UnusedParameter, "gradients", "spare"),
         (NanGradient, "gradients", "non-finite"),

@@ -291,3 +291,34 @@ def test_config_bool_mixer_option_refused(saved, tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="head_dim"):
         mixerzoo.load_model(path)
+
+
+def test_registered_class_that_is_not_a_module_or_returns_the_wrong_shape(monkeypatch):
+    import torch
+
+    from mixerzoo import register_mixer
+    from mixerzoo.registry import REGISTRY, RegistryError
+
+    class NotModule:
+        def __init__(self, d_model, layer_idx=0):
+            pass
+
+    class WrongShape(torch.nn.Module):
+        def __init__(self, d_model, layer_idx=0):
+            super().__init__()
+            self.proj = torch.nn.Linear(d_model, 2 * d_model)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    register_mixer("tmp_not_module", NotModule)
+    register_mixer("tmp_wrong_shape", WrongShape)
+    try:
+        with pytest.raises(RegistryError, match="not a torch.nn.Module"):
+            mixerzoo.build_model("tmp_not_module", size="tiny", vocab_size=97)
+        model = mixerzoo.build_model("tmp_wrong_shape", size="tiny", vocab_size=97)
+        with pytest.raises(ValueError, match=r"WrongShape returned \(1, 5, 128\).*same shape"):
+            model(torch.randint(0, 97, (1, 5)))
+    finally:
+        REGISTRY.remove("tmp_not_module")
+        REGISTRY.remove("tmp_wrong_shape")

@@ -68,9 +68,15 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused_enabled() and hasattr(self.mixer, "forward_normed"):
             # a mixer that can fuse the pre-norm into its first projection (optional contract)
-            x = x + self.mixer.forward_normed(x, self.mixer_norm)
+            y = self.mixer.forward_normed(x, self.mixer_norm)
         else:
-            x = x + self.mixer(self.mixer_norm(x))
+            y = self.mixer(self.mixer_norm(x))
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"mixer {type(self.mixer).__name__} returned {got} for an input of shape "
+                             f"{tuple(x.shape)}: a mixer must map [B, T, d_model] to the same shape "
+                             "(mixerzoo.testing.check_mixer checks the whole contract)")
+        x = x + y
         if fused_enabled():
             return x + self.mlp.from_residual(x, self.mlp_norm)
         return x + self.mlp(self.mlp_norm(x))

@@ -5,7 +5,12 @@ err(plain bf16, fp32) and err(fused, plain) for the parameters that differ most,
 scale_rows kernel and the log-linear op with v_scale and with bf16 vs fp32 lambda.
     python scripts/fused_grad_diag.py
 """
-import torch, mixerzoo, math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.utils, the repo's mixerzoo
+
+import torch, mixerzoo, math  # noqa: E402
 from mixerzoo.ops.fused import fused
 from mixerzoo.ops import pointwise
 from tests.utils import rel_err

@@ -19,104 +19,10 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from ..ops.fused import fused_enabled
 from ..registry import check_options, class_for_layer, construct_mixer
+from .arguments import FORWARD_NEUTRAL, GENERATE_FREE, GENERATE_NEUTRAL, refuse_kwargs, value_checks_allowed
 from .backbone import Block, RMSNorm, SwiGLU
 from .build import check_option_types
 from .config import MixerZooConfig, check_int
-
-# forward() keyword arguments transformers callers pass, with the values under which they change
-# nothing here; any other value (or any other name) would be silently ignored, so it is refused.
-_FORWARD_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "output_attentions": (None, False),
-    "output_hidden_states": (None, False),
-    "use_cache": (None, False),
-    "return_dict": (None, True),
-    "past_key_values": (None,),
-    "inputs_embeds": (None,),
-    "position_ids": (None,),
-    "token_type_ids": (None,),
-    "cache_position": (None,),
-    "head_mask": (None,),
-    "logits_to_keep": (None, 0),  # transformers: 0 = keep every position
-    "num_logits_to_keep": (None, 0),
-}
-
-# generate() keyword arguments of transformers' GenerationMixin that mean "nothing special" at
-# these values; other values ask for behaviour (beams, penalties, scores) this decoder lacks.
-_GENERATE_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "num_beams": (None, 1),
-    "num_beam_groups": (None, 1),
-    "num_return_sequences": (None, 1),
-    "repetition_penalty": (None, 1, 1.0),
-    "length_penalty": (None, 1, 1.0),
-    "no_repeat_ngram_size": (None, 0),
-    "encoder_no_repeat_ngram_size": (None, 0),
-    "min_new_tokens": (None, 0),
-    "min_length": (None, 0),
-    "typical_p": (None, 1, 1.0),
-    "min_p": (None,),
-    "epsilon_cutoff": (None, 0, 0.0),
-    "eta_cutoff": (None, 0, 0.0),
-    "diversity_penalty": (None, 0, 0.0),
-    "output_scores": (None, False),
-    "output_logits": (None, False),
-    "output_attentions": (None, False),
-    "output_hidden_states": (None, False),
-    "return_dict_in_generate": (None, False),
-    "bad_words_ids": (None,),
-    "force_words_ids": (None,),
-    "suppress_tokens": (None,),
-    "begin_suppress_tokens": (None,),
-    "forced_bos_token_id": (None,),
-    "forced_eos_token_id": (None,),
-    "logits_processor": (None,),
-    "stopping_criteria": (None,),
-    "prefix_allowed_tokens_fn": (None,),
-    "streamer": (None,),
-    "assistant_model": (None,),
-    "generation_config": (None,),
-    "stop_strings": (None,),
-    "synced_gpus": (None, False),
-}
-# Accepted with any value: they cannot change the tokens produced (no padding is ever added;
-# the recurrent state is the cache, and using it or not gives the same tokens).
-_GENERATE_FREE = ("pad_token_id", "bos_token_id", "use_cache", "tokenizer")
-
-
-def _is_neutral(value: Any, allowed: tuple[Any, ...]) -> bool:
-    # identity/type-exact comparison: a tensor or list must not be compared with ==, and
-    # True must not pass for 1 (num_beams=True is not a valid request either).
-    for a in allowed:
-        if value is a:
-            return True
-        if a is not None and not isinstance(a, bool) and type(value) in (int, float) and value == a:
-            return True
-    return False
-
-
-def _refuse_kwargs(where: str, kwargs: dict[str, Any], neutral: dict[str, tuple[Any, ...]],
-                   accepted: str, free: tuple[str, ...] = ()) -> None:
-    """One error naming every keyword argument that would otherwise be dropped on the floor."""
-    bad = [k for k, v in kwargs.items() if k not in free and not (k in neutral and _is_neutral(v, neutral[k]))]
-    if bad:
-        parts = [f"{k}={_short(kwargs[k])} (" + (f"only {k}={neutral[k][-1]!r} is supported" if k in neutral
-                                                   else "not an argument of this model") + ")" for k in bad]
-        raise ValueError(f"{where}: unsupported argument(s) {', '.join(parts)}. {accepted}")
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"<tensor {tuple(value.shape)}>"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _value_checks_allowed(t: torch.Tensor) -> bool:
-    """Whether a data-dependent check (a host sync) may run now: not while torch.compile traces
-    (it would break the graph) nor while a CUDA graph is captured (a sync is illegal there)."""
-    if torch.compiler.is_compiling() or t.is_meta:  # meta: shape-only runs have no values
-        return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
-
 
 def _build_mixer(layer: dict[str, Any], d_model: int, layer_idx: int) -> nn.Module:
     name = layer.get("mixer", "?")
@@ -232,10 +138,10 @@ class MixerZooForCausalLM(PreTrainedModel):
         The embedding would otherwise fail with "index out of range in self" on CPU, a
         device-side assert on GPU, and a fused loss might read out of bounds unnoticed. All
         statistics travel in one small tensor, so this is one host sync per call; it is skipped
-        while torch.compile traces or a CUDA graph is captured (see _value_checks_allowed). A
+        while torch.compile traces or a CUDA graph is captured (see value_checks_allowed). A
         CUDA training step (grad enabled, no mask) checks on the device instead, without a sync.
         """
-        if not _value_checks_allowed(input_ids):
+        if not value_checks_allowed(input_ids):
             return
         vocab = self.embed.num_embeddings
         if input_ids.is_cuda and torch.is_grad_enabled() and attention_mask is None:
@@ -280,7 +186,7 @@ class MixerZooForCausalLM(PreTrainedModel):
         # accepted for API compatibility (HF collators send all-ones masks); left padding is not
         # supported by recurrent mixers, so a mask with zeros is refused rather than ignored.
         if kwargs:
-            _refuse_kwargs("MixerZooForCausalLM.forward", kwargs, _FORWARD_NEUTRAL,
+            refuse_kwargs("MixerZooForCausalLM.forward", kwargs, FORWARD_NEUTRAL,
                            "Arguments: input_ids, labels, attention_mask (all ones), return_logits; "
                            "transformers' cache/hidden-state/embedding options only at their defaults.")
         self._check_ids(input_ids)
@@ -432,11 +338,11 @@ class MixerZooForCausalLM(PreTrainedModel):
                          eos_token_id, generator, attention_mask, kwargs) -> tuple[int, list[int]]:
         """Every check of generate()'s arguments (once per call, before any compute); returns
         the number of new tokens and the list of EOS ids."""
-        _refuse_kwargs("MixerZooForCausalLM.generate", kwargs, _GENERATE_NEUTRAL,
+        refuse_kwargs("MixerZooForCausalLM.generate", kwargs, GENERATE_NEUTRAL,
                        "Arguments: max_new_tokens or max_length, do_sample, temperature, top_k, top_p, "
                        "eos_token_id, generator, attention_mask (all ones); accepted without effect: "
-                       f"{', '.join(_GENERATE_FREE)}; beam search, penalties, scores and other "
-                       "transformers generation options are not supported.", _GENERATE_FREE)
+                       f"{', '.join(GENERATE_FREE)}; beam search, penalties, scores and other "
+                       "transformers generation options are not supported.", GENERATE_FREE)
         self._check_ids(input_ids)
         if attention_mask is not None and (
             not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape

@@ -27,6 +27,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .fused import compute_dtype as matmul_dtype
+
 try:
     import triton
     import triton.language as tl
@@ -95,11 +97,7 @@ def linear_cross_entropy(
     compute dtype and ``[V, D]`` in fp32.
     """
     N, V = _check_inputs(h, weight, targets, ignore_index, chunk_tokens)
-    device_type = h.device.type
-    if torch.is_autocast_enabled(device_type):
-        compute_dtype = torch.get_autocast_dtype(device_type)
-    else:
-        compute_dtype = h.dtype
+    compute_dtype = matmul_dtype(h)
     use_triton = _resolve_backend(backend, h.device, compute_dtype) == "triton"
     if chunk_tokens is None:
         chunk_tokens = default_chunk_tokens(N, V, compute_dtype)

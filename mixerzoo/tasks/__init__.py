@@ -204,11 +204,9 @@ def build_task(name: str, **options: Any) -> SyntheticTask:
     known = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in options if k not in known]
     if unknown:
-        hints = []
-        for k in unknown:
-            close = difflib.get_close_matches(k, known, n=1)
-            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(f"task {name!r} has no field(s) {', '.join(hints)}; its fields: {', '.join(known)}")
+        from ..hints import unknown_names
+
+        raise ValueError(f"task {name!r} has no field(s) {unknown_names(unknown, known)}; its fields: {', '.join(known)}")
     return cls(**options)
 
 

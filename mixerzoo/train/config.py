@@ -7,7 +7,6 @@ whole run is the failure this guards against). ``mixerzoo train`` builds one fla
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from ..hints import unknown_names
 
 PRECISIONS = ("auto", "bf16", "bf16-true", "fp32")
 
@@ -168,11 +168,8 @@ class TrainConfig:
         known = cls.field_names()
         unknown = [k for k in values if k not in known]
         if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(k, known, n=1)
-                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(f"{source}: unknown option(s) {', '.join(hints)}; known options: {', '.join(known)}")
+            raise ConfigError(f"{source}: unknown option(s) {unknown_names(unknown, known)}; "
+                              f"known options: {', '.join(known)}")
         try:
             return cls(**values)
         except TypeError as e:  # a value of the wrong kind, e.g. a list for an int

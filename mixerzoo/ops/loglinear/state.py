@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..common import accumulation_dtype as compute_dtype  # the op families' one rule
+
 __all__ = ["LogLinearState", "num_levels", "bit_length", "compute_dtype", "check_inputs"]
 
 
@@ -37,11 +39,6 @@ def bit_length(x: torch.Tensor) -> torch.Tensor:
     for ``x < 2**53`` (float64 mantissa), far beyond any sequence length.
     """
     return torch.frexp(x.to(torch.float64)).exponent.to(torch.int64)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp64 when the inputs are fp64, otherwise fp32 (bf16/fp16 upcast)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class LogLinearState(NamedTuple):

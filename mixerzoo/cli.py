@@ -97,7 +97,8 @@ def _time_limit(args: argparse.Namespace) -> dict:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from .evals.synthetic import check_out_dir, format_table, preset, run_synthetic
+    from .evals.synthetic import format_table, preset, run_synthetic
+    from .files import check_out_dir
 
     if args.out is not None:
         # before the sweep: a bad --out would otherwise only fail once every run had trained
@@ -145,6 +146,37 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
     tok = train_bpe(args.data, args.vocab, args.out, text_field=args.text_field)
     print(f"trained a byte-level BPE of {len(tok):,} tokens; wrote {args.out} (use --tokenizer {args.out})")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .files import check_out_dir, write_json_atomic
+    from .train.metrics import compare_runs, plot_runs, read_metrics
+
+    check_out_dir(args.out, what="--out")
+    runs = {}
+    for spec in args.runs:
+        label, sep, path = spec.partition("=")
+        path = Path(path if sep else label)
+        label = label if sep else path.name
+        metrics = path / "metrics.jsonl" if path.is_dir() else path
+        if not metrics.is_file():
+            raise FileNotFoundError(f"{spec!r}: no {metrics} (give a `mixerzoo train --out` folder or its "
+                                    f"metrics.jsonl, optionally as LABEL=PATH)")
+        if label in runs:
+            raise ValueError(f"two runs are labelled {label!r}: give LABEL=PATH for each")
+        runs[label] = read_metrics(metrics)
+    summary = compare_runs(runs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "compare.json", summary)
+    plot_runs(runs, out / "compare.png", title=args.title)
+    for label, row in summary["runs"].items():
+        gap = f"  gap to {summary['reference']}: max {row['max_rel_gap']:.2%}, mean {row['mean_rel_gap']:.3%}" \
+            if "max_rel_gap" in row else "  (reference)"
+        val = f", val {row['final_val_loss']:.4f}" if row["final_val_loss"] is not None else ""
+        print(f"{label:>16}: {row['steps']} steps, final loss {row['final_loss']:.4f}{val}{gap}")
+    print(f"wrote {out}/compare.json and compare.png")
     return 0
 
 
@@ -259,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="folder for the tokenizer files")
     s.add_argument("--text-field", default="text", help="JSONL / Parquet field holding the text")
     s.set_defaults(func=cmd_tokenizer)
+
+    s = sub.add_parser("compare", help="loss curves of several training runs on one plot, with their gaps")
+    s.add_argument("runs", nargs="+", metavar="[LABEL=]RUN", help="run folders (or metrics.jsonl files); "
+                   "the first is the reference")
+    s.add_argument("--out", default="results/compare", help="folder for compare.json and compare.png")
+    s.add_argument("--title", default=None, help="plot title")
+    s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("bench", help="speed and memory vs sequence length (needs a GPU): kernels, or "
                                      "whole models' training steps")

@@ -7,13 +7,14 @@ import json
 import pytest
 import torch
 
+import mixerzoo
 from mixerzoo.cli import main
 
 
 def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("softmax", "linear", "mamba2", "loglinear_fixed", "loglinear", "loglinear_adaptive"):
+    for name in mixerzoo.list_mixers():
         assert name in out
 
 
@@ -67,3 +68,29 @@ def test_demo_lm_trains_and_evaluates(tmp_path, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert "mixerzoo_choice" in text and "bits_per_byte" in text and "validation: loss" in text
     assert (out / "run" / "latest").is_file() and (out / "run" / "loss.png").is_file()
+
+
+def test_compare_runs_writes_gaps_and_plot(tmp_path, capsys):
+    def run(name, losses):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [{"step": i + 1, "loss": v, "tok_per_s": 100.0} for i, v in enumerate(losses)]
+        rows.append({"step": len(losses), "val_loss": losses[-1] + 0.1, "val_bpb": 1.0})
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return d
+
+    a = run("a", [4.0, 3.0, 2.0, 2.0])
+    b = run("b", [4.0, 3.3, 2.0, 1.0])
+    out = tmp_path / "cmp"
+    assert main(["compare", f"ref={a}", str(b / "metrics.jsonl"), "--out", str(out)]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["reference"] == "ref"
+    row = summary["runs"]["metrics.jsonl"]
+    assert abs(row["max_rel_gap"] - 0.5) < 1e-9 and abs(row["mean_rel_gap"] - 0.15) < 1e-9
+    assert row["final_val_loss"] == 1.1 and (out / "compare.png").is_file()
+    assert "gap to ref: max 50.00%" in capsys.readouterr().out
+    # a missing run and an output path that is a file are refused before anything is written
+    assert main(["compare", str(a), str(tmp_path / "nope"), "--out", str(tmp_path / "cmp2")]) == 2
+    assert "no " in capsys.readouterr().err and not (tmp_path / "cmp2").exists()
+    assert main(["compare", str(a), "--out", str(a / "metrics.jsonl")]) == 2
+    assert "--out" in capsys.readouterr().err

@@ -17,9 +17,9 @@ import torch
 import mixerzoo
 from mixerzoo.ops import pointwise
 from mixerzoo.ops.fused import fused, fused_enabled
-from tests.utils import assert_close
+from tests.utils import assert_close, rel_err
 
-BUILTINS = ["softmax", "linear", "mamba2", "loglinear_fixed", "loglinear", "loglinear_adaptive"]
+BUILTINS = mixerzoo.list_mixers()  # every registered mixer, whatever their number
 
 
 def _model(name, seed=0):
@@ -202,7 +202,12 @@ def test_bench_models_rejects_bad_input():
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", BUILTINS)
 def test_fused_model_matches_reference_on_gpu(name):
-    """The Triton paths of every fused op in a 125m-wide model under bf16 autocast."""
+    """The Triton paths of every fused op in a 125m-wide model under bf16 autocast.
+
+    Both bf16 paths are judged against the plain path in fp32: two bf16 runs differ from each
+    other by about the sum of their rounding errors (4e-2 on a bias gradient summed over 2,000
+    tokens was seen), so the fused one may be at most twice as far from fp32 as the plain one.
+    """
     torch.manual_seed(0)
     model = mixerzoo.build_model(name, size="125m", vocab_size=32000).cuda().train()
     for block in model.blocks[:2]:
@@ -212,18 +217,20 @@ def test_fused_model_matches_reference_on_gpu(name):
     model.blocks = model.blocks[:2]  # two layers are enough to exercise every op
     x = torch.randint(0, 32000, (2, 1000), device="cuda")  # T not a multiple of 64
 
-    def run(enabled):
+    def run(enabled, bf16=True):
         model.zero_grad(set_to_none=True)
-        with fused(enabled), torch.autocast("cuda", dtype=torch.bfloat16):
+        with fused(enabled), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=x, labels=x, return_logits=enabled is False).loss
         loss.backward()
         return loss.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    ref_loss, ref_grads = run(False)
-    loss, grads = run(True)
-    assert_close("loss", ref_loss, loss, 1e-2)
-    for n in ref_grads:
-        assert_close(n, ref_grads[n], grads[n], 3e-2)
+    exact_loss, exact = run(False, bf16=False)
+    ref_loss, ref = run(False)
+    loss, got = run(True)
+    assert_close("loss", exact_loss, loss, 2 * rel_err(ref_loss, exact_loss) + 1e-3)
+    assert got.keys() == exact.keys()
+    for n in exact:
+        assert_close(n, exact[n], got[n], 2 * rel_err(ref[n], exact[n]) + 5e-3)
 
 
 # --- fusions across op boundaries ---------------------------------------------------------------

@@ -12,7 +12,7 @@ from mixerzoo.models.build import param_rows, param_target
 from mixerzoo.models.io import CheckpointError
 from mixerzoo.models.sizes import SIZES
 
-BUILTINS = ["softmax", "linear", "mamba2", "loglinear_fixed", "loglinear", "loglinear_adaptive"]
+BUILTINS = mixerzoo.list_mixers()  # every registered mixer, whatever their number
 
 
 def tiny(name, **kw):

@@ -121,3 +121,36 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], out: str | Path, title: str
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, out)
+
+
+def compare_runs(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each run's final losses, speed and memory, and its training-loss gap to the first run.
+
+    The gap is |loss - loss_ref| / loss_ref over the steps both runs logged: its maximum, mean,
+    and the mean over the last quarter of those steps (where curves have settled)."""
+    if not runs:
+        raise ValueError("compare_runs needs at least one run")
+    ref_label, ref = next(iter(runs.items()))
+    ref_loss = {r["step"]: r["loss"] for r in ref if "loss" in r}
+    out: dict[str, Any] = {"reference": ref_label, "runs": {}}
+    for label, records in runs.items():
+        train = [r for r in records if "loss" in r]
+        val = [r for r in records if "val_loss" in r]
+        if not train:
+            raise ValueError(f"run {label!r} has no training-loss records")
+        speeds = sorted(r["tok_per_s"] for r in train[len(train) // 10:] if r.get("tok_per_s"))
+        row: dict[str, Any] = {
+            "steps": train[-1]["step"], "final_loss": train[-1]["loss"],
+            "final_val_loss": val[-1]["val_loss"] if val else None,
+            "final_val_bpb": val[-1].get("val_bpb") if val else None,
+            "median_tok_per_s": speeds[len(speeds) // 2] if speeds else None,
+            "peak_mem_gib": max((r.get("peak_mem_gib") or 0.0 for r in train), default=None),
+        }
+        common = [(r["loss"], ref_loss[r["step"]]) for r in train if r["step"] in ref_loss]
+        if label != ref_label and common:
+            gaps = [abs(a - b) / abs(b) for a, b in common]
+            tail = gaps[len(gaps) * 3 // 4:]
+            row.update(steps_compared=len(gaps), max_rel_gap=max(gaps), mean_rel_gap=sum(gaps) / len(gaps),
+                       mean_rel_gap_last_quarter=sum(tail) / len(tail))
+        out["runs"][label] = row
+    return out

@@ -108,16 +108,14 @@ def log_linear_attn(
         do not (their outputs from the reset on are NaN), so with ``check_finite=True`` a
         resolved Triton backend refuses it. A reset does not clean a NaN/inf that came before it.
 
-        The torch and naive backends are causal for non-finite inputs too: a NaN/inf at
-        position ``s`` in k, v, g or λ makes only the outputs at ``t >= s`` non-finite (in the
-        heads and, for v, the value columns it reaches). The Triton kernels are not, for k and
-        v: a NaN/inf key or value at ``s`` also turns the outputs of the earlier tokens of its
-        64-token chunk into NaN (the masked entries of the in-chunk product are 0 · NaN);
-        g and λ stay causal there. Pass ``check_finite=True`` to have such inputs refused
-        instead, or use backend='torch'. This holds for the outputs only: on every backend
-        the gradients reaching earlier tokens can still turn NaN (a backward product meets
-        the non-finite input even where its forward weight was masked), so check inputs
-        you train on.
+        Every backend's forward is causal for non-finite inputs too: a NaN/inf at position
+        ``s`` in q, k, v, g or λ makes only the outputs at ``t >= s`` non-finite (in the heads
+        and, for v, the value columns it reaches); earlier outputs are unchanged. The Triton
+        forward masks its in-chunk product with a select and carries a non-finite value as
+        NaN, so its ``t >= s`` outputs are NaN where the exact sum would give ±inf. This holds
+        for the outputs only: on every backend the gradients reaching earlier tokens can
+        still turn NaN (a backward product meets the non-finite input even where its forward
+        weight was masked), so check the inputs you train on.
 
     Returns:
         ``(o, state)``: o ``[B, T, H, V]`` in v's dtype (fp32 accumulation, fp64 for fp64

@@ -187,8 +187,15 @@ def _output(
     lrow = lam + b * slb + rows * slt + h * slh
 
     s = tl.dot(qq, tl.trans(kk), input_precision=PREC) * scale
-    a = s * _intra_weights(gc, lrow, rmask, L, sl, C, LOG2C)
-    acc = tl.dot(a.to(vv.dtype), vv, input_precision=PREC)
+    # A later non-finite key or value must not reach earlier rows through the masked entries
+    # (0 · NaN = NaN): mask with a select, zero non-finite values for the product and mark
+    # every row from the first of them on as NaN, column by column, as the exact sum would.
+    ri = tl.arange(0, C)
+    a = tl.where(ri[:, None] >= ri[None, :], s * _intra_weights(gc, lrow, rmask, L, sl, C, LOG2C), 0.0)
+    bad = (vv != vv) | (tl.abs(vv.to(tl.float32)) == float("inf"))
+    acc = tl.dot(a.to(vv.dtype), tl.where(bad, tl.zeros_like(vv), vv), input_precision=PREC)
+    first_bad = tl.min(tl.where(bad, ri[:, None], C), 0)  # per value column; C: none
+    acc = tl.where(ri[:, None] >= first_bad[None, :], float("nan"), acc)
 
     # one node per set bit of the chunk index; `dec` is the log-decay from this chunk's start
     # back to the end of the node being read (the totals of the nodes already read).

@@ -261,6 +261,12 @@ class Registry:
 REGISTRY = Registry()
 
 
+def _is_module_class(cls: type) -> bool:
+    from torch import nn  # imported here: reading the registry does not need torch
+
+    return issubclass(cls, nn.Module)
+
+
 def register_mixer(
     name: str,
     cls: type | str,
@@ -278,6 +284,9 @@ def register_mixer(
             raise RegistryError(f"register_mixer({name!r}): {cls!r} is not of the form 'package.module:Class'")
     elif not isinstance(cls, type):
         raise RegistryError(f"register_mixer({name!r}): cls must be a class or 'module:Class'")
+    elif not _is_module_class(cls):
+        raise RegistryError(f"register_mixer({name!r}): {cls.__qualname__} is not a torch.nn.Module subclass; "
+                            f"a mixer is an nn.Module mapping [B, T, d_model] to [B, T, d_model]")
     spec = MixerSpec(name, cls, dict(options), summary, reference, source="register_mixer")
     REGISTRY.add(spec, overwrite=overwrite)
     return spec

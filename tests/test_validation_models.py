@@ -135,6 +135,17 @@ def test_forward_loss_needs_two_tokens(model, return_logits):
     assert model(x).logits.shape == (3, 1, V)  # without labels T = 1 is fine
 
 
+@pytest.mark.parametrize("return_logits", [True, False])
+def test_forward_refuses_labels_with_no_target(model, return_logits):
+    x = torch.randint(0, V, (2, 6))
+    labels = torch.full_like(x, -100)
+    labels[:, 0] = x[:, 0]  # position 0 is never a target: still nothing to average
+    with pytest.raises(ValueError, match=r"labels: every target .* -100"):
+        model(x, labels=labels, return_logits=return_logits)
+    labels[1, 3] = x[1, 3]  # one target is enough
+    assert torch.isfinite(model(x, labels=labels, return_logits=return_logits).loss)
+
+
 def test_forward_labels_shape_and_mask(model):
     x = torch.randint(0, V, (2, 5))
     with pytest.raises(ValueError, match="labels"):
@@ -311,7 +322,17 @@ def test_registered_class_that_is_not_a_module_or_returns_the_wrong_shape(monkey
         def forward(self, x):
             return self.proj(x)
 
-    register_mixer("tmp_not_module", NotModule)
+    with pytest.raises(RegistryError, match=r"'tmp_not_module'.*NotModule is not a torch.nn.Module"):
+        register_mixer("tmp_not_module", NotModule)  # a class: refused when registered
+    assert "tmp_not_module" not in mixerzoo.list_mixers()
+    # by import path the class is only known at build time: refused there, with its name
+    import sys
+    import types
+
+    module = types.ModuleType("tmp_mixers_not_module")
+    module.NotModule = NotModule
+    sys.modules[module.__name__] = module
+    register_mixer("tmp_not_module", "tmp_mixers_not_module:NotModule")
     register_mixer("tmp_wrong_shape", WrongShape)
     try:
         with pytest.raises(RegistryError, match="not a torch.nn.Module"):
@@ -322,3 +343,4 @@ def test_registered_class_that_is_not_a_module_or_returns_the_wrong_shape(monkey
     finally:
         REGISTRY.remove("tmp_not_module")
         REGISTRY.remove("tmp_wrong_shape")
+        sys.modules.pop(module.__name__, None)

@@ -151,18 +151,24 @@ class MixerZooForCausalLM(PreTrainedModel):
             ok = (input_ids >= 0).all() & (input_ids < vocab).all()
             if labels is not None:
                 ok = ok & ((labels == -100) | ((labels >= 0) & (labels < vocab))).all()
-            torch._assert_async(ok, f"input_ids or labels hold token ids outside [0, {vocab})")
+                ok = ok & (labels[:, 1:] != -100).any()
+            torch._assert_async(ok, f"input_ids or labels hold token ids outside [0, {vocab}), "
+                                    f"or every label is -100")
             return
         stats = [input_ids.min(), input_ids.max()]
         if labels is not None:
             real = labels != -100
-            stats += [torch.where(real, labels, 0).min(), torch.where(real, labels, 0).max()]
+            stats += [torch.where(real, labels, 0).min(), torch.where(real, labels, 0).max(), real[:, 1:].any()]
         if attention_mask is not None:
             stats.append((attention_mask == 1).all())
         values = torch.stack([v.to(torch.int64) for v in stats]).tolist()
         if attention_mask is not None and not values[-1]:
             raise ValueError("padded batches (attention_mask with values other than 1) are not supported; "
                              "batch sequences of equal length or run them one by one")
+        if labels is not None and not values[4]:
+            # the mean over zero targets would come back as nan
+            raise ValueError("labels: every target (labels[:, 1:]) is -100 (ignored), so there is no loss "
+                             "to average; leave at least one target or call without labels")
         for what, t, lo, hi, extra in ((name, input_ids, *values[:2], ""),
                                        *((("labels", labels, *values[2:4], " (or -100, ignored)"),)
                                          if labels is not None else ())):

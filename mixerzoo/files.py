@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -35,3 +36,14 @@ def check_out_dir(out_dir: str | Path, what: str = "out_dir") -> None:
         raise ValueError(f"{what} {str(out)!r} lies under the file {str(parent)!r}: choose another path")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {str(out)!r}: no permission to write in {str(parent)!r}")
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with string keys, tuples as lists and NaN/inf as None (JSON has neither)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # JSON has no NaN/inf
+    return obj

@@ -280,7 +280,7 @@ def test_time_limit_does_not_count_the_first_step(tmp_path):
 def test_interrupted_sweep_keeps_finished_runs(tmp_path, monkeypatch):
     import mixerzoo.evals.synthetic as synthetic
 
-    real_build, built = synthetic._build, []
+    real_build, built = synthetic.sweep._build, []
 
     def build_then_fail(*args, **kwargs):
         built.append(1)
@@ -288,7 +288,7 @@ def test_interrupted_sweep_keeps_finished_runs(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the sweep is stopped during its third run
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(synthetic, "_build", build_then_fail)
+    monkeypatch.setattr(synthetic.sweep, "_build", build_then_fail)
     cfg = micro_config(tmp_path, max_steps=4, eval_every=2, progress=False)
     with pytest.raises(KeyboardInterrupt):
         run_synthetic(cfg)

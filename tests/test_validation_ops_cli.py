@@ -216,13 +216,13 @@ def test_triton_check_finite_accepts_clean_inputs():
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail the test if a sweep or a parameter table starts."""
-    import mixerzoo.evals.synthetic as synthetic
+    import mixerzoo.evals.synthetic.sweep as sweep
     import mixerzoo.models.build as build
 
     def refuse(*a, **k):
         raise AssertionError("work started before the arguments were checked")
 
-    monkeypatch.setattr(synthetic, "train_one", refuse)
+    monkeypatch.setattr(sweep, "train_one", refuse)
     monkeypatch.setattr(build, "param_rows", refuse)
 
 

@@ -89,6 +89,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _task_choices() -> list[str]:
+    from .tasks import list_tasks
+
+    return list_tasks()
+
+
 def _time_limit(args: argparse.Namespace) -> dict:
     """The --time-limit override: nothing when absent, no cap for 0."""
     if args.time_limit is None:
@@ -97,22 +103,32 @@ def _time_limit(args: argparse.Namespace) -> dict:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from .evals.synthetic import format_table, preset, run_synthetic
+    from .evals.synthetic import format_table, run_synthetic
+    from .evals.synthetic.experiments import (build_experiment, describe_presets, load_preset,
+                                              parse_sets, read_experiment)
     from .files import check_out_dir
 
+    if args.list_presets:
+        print(describe_presets())
+        return 0
     if args.out is not None:
         # before the sweep: a bad --out would otherwise only fail once every run had trained
         check_out_dir(args.out, what="--out")
+    layers = [load_preset(args.preset)] + [read_experiment(f) for f in args.config] + [parse_sets(args.set)]
     overrides = {k: v for k, v in {
         "mixers": tuple(_mixer_list(args.mixers)) if args.mixers else None,
         "device": args.device,
         "out_dir": args.out,
         "max_steps": args.steps,
         "seeds": tuple(range(args.seeds)) if args.seeds is not None else None,
+        "workers": args.workers,
     }.items() if v is not None}
-    config = preset(args.preset, task=args.task, **overrides, **_time_limit(args))
+    config = build_experiment(*layers, task=args.task, **overrides, **_time_limit(args))
     results = run_synthetic(config)
     print(format_table(results))
+    resumed = sum(bool(r.get("resumed")) for r in results["runs"])
+    if resumed:
+        print(f"\n{resumed} of {len(results['runs'])} runs were finished earlier in {args.out} and kept")
     return 0
 
 
@@ -262,14 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", default=None, help="also write the table as JSON here")
     s.set_defaults(func=cmd_params)
 
-    s = sub.add_parser("synth", help="train and evaluate mixers on a synthetic recall task")
-    s.add_argument("task", choices=["mqar", "selective_copy"])
-    s.add_argument("--mixers", default="all", help="comma-separated names, or 'all'")
-    s.add_argument("--preset", default="quick", choices=["demo", "quick", "full"])
+    s = sub.add_parser("synth", help="train and evaluate mixers on a synthetic recall task",
+                       description="A sweep from a preset, YAML experiment files (--config) and KEY=VALUE "
+                                   "overrides (--set), in that order; see --list-presets.")
+    s.add_argument("task", nargs="?", default=None, choices=_task_choices(),
+                   help="the task (default: the preset's or config's, else mqar)")
+    s.add_argument("--preset", default="quick", help="a built-in sweep or a shipped experiment (--list-presets)")
+    s.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
+                   help="experiment file(s): keys as --set; later files win")
+    s.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="e.g. --set seq_len=128 num_kv_pairs=32 d_model=128 steps=20000; values are YAML")
+    s.add_argument("--list-presets", action="store_true", help="print the presets with their expected run times")
+    s.add_argument("--mixers", default=None, help="comma-separated names, or 'all' (default: the preset's)")
     s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    s.add_argument("--out", default=None, help="results folder (JSON, CSV, PNG)")
+    s.add_argument("--out", default=None, help="results folder (JSON, CSV, PNG); finished runs there are kept")
     s.add_argument("--steps", type=_positive_int, default=None, help="training steps per run (>= 1)")
     s.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds (>= 1)")
+    s.add_argument("--workers", type=_positive_int, default=None,
+                   help="runs at a time in their own processes, spread over the visible GPUs")
     s.add_argument("--time-limit", type=_seconds, default=None, metavar="SECONDS",
                    help="per-run training time cap (0: none; default: the preset's)")
     s.set_defaults(func=cmd_synth)

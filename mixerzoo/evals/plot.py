@@ -19,6 +19,7 @@ def plot_summary(
     *,
     x_axis: str = "seq_len",
     title: str = "",
+    panel_title: str = "{key} = {value}",
 ) -> Path:
     """Save accuracy vs ``x_axis`` to ``path`` (PNG); one panel per value of the other axis.
 
@@ -64,7 +65,7 @@ def plot_summary(
         ax.grid(True, alpha=0.3)
         ax.set_xlabel(AXIS_LABEL[x_axis])
         if panel is not None:
-            ax.set_title(f"{panel_key} = {panel}", fontsize=10)
+            ax.set_title(panel_title.format(key=panel_key, value=panel), fontsize=10)
     axes[0].set_ylabel("accuracy")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=8)
     if title:

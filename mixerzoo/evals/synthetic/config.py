@@ -41,6 +41,13 @@ class SyntheticRunConfig:
         precision: "fp32", or "bf16" autocast on the forward pass.
         out_dir: where results are written (``None``: nothing written).
         progress: show a tqdm bar over all runs.
+        eval_length_factors: after training, also evaluate each model on the task at
+            ``seq_len × f`` for each factor (length generalisation; the task's other fields,
+            such as the number of kv pairs, stay those of the training length).
+        workers: runs at a time, each in its own process; with CUDA they are spread over the
+            visible GPUs round-robin (several small runs share a GPU). 1: in this process.
+        resume: with ``out_dir``, keep the finished runs found in its results.json whose
+            settings equal this sweep's, and train only the others.
     """
 
     task: SyntheticTask = field(default_factory=lambda: build_task("mqar"))
@@ -71,6 +78,9 @@ class SyntheticRunConfig:
     precision: str = "fp32"
     out_dir: str | None = None
     progress: bool = True
+    eval_length_factors: tuple[int, ...] = ()
+    workers: int = 1
+    resume: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.task, str):
@@ -79,7 +89,7 @@ class SyntheticRunConfig:
             raise TypeError(f"task must be a task name or config, got {type(self.task).__name__}")
         if isinstance(self.mixers, str):
             self.mixers = (self.mixers,)
-        for name in ("mixers", "d_models", "seq_lens", "learning_rates", "seeds", "betas"):
+        for name in ("mixers", "d_models", "seq_lens", "learning_rates", "seeds", "betas", "eval_length_factors"):
             setattr(self, name, tuple(getattr(self, name)))
         if not self.seq_lens:
             self.seq_lens = (self.task.seq_len,)
@@ -102,17 +112,22 @@ class SyntheticRunConfig:
                 f"eval_seed={self.eval_seed} is also a training seed: the held-out set would be "
                 "the first training batches; pick another eval_seed"
             )
-        for name in ("max_steps", "batch_size", "eval_every", "eval_batches", "eval_batch_size"):
+        for name in ("max_steps", "batch_size", "eval_every", "eval_batches", "eval_batch_size", "workers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not 0.0 <= self.warmup_frac < 1.0:
             raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        bad = [f for f in self.eval_length_factors if not isinstance(f, int) or isinstance(f, bool) or f < 2]
+        if bad:
+            raise ValueError(f"eval_length_factors must be integers >= 2 (2 tests at twice the length), got {bad}")
         if not 0.0 < self.early_stop <= 1.0:
             raise ValueError(f"early_stop must be in (0, 1], got {self.early_stop}")
         # Build every task variant now, so that a bad length fails before any training.
         for seq_len in self.seq_lens:
             self.task_for(seq_len)
+            for f in self.eval_length_factors:
+                self.task_for(seq_len).replace(seq_len=seq_len * f)
         unknown = set(self.task_overrides) - set(self.seq_lens)
         if unknown:
             raise ValueError(f"task_overrides for lengths not in seq_lens: {sorted(unknown)}")

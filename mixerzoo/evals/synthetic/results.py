@@ -48,12 +48,26 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "best_lrs": [r["lr"] for r in sorted(members, key=lambda r: r["seed"])],
                 "params": members[0]["params"],
                 "steps_mean": statistics.fmean(r["steps"] for r in members),
+                **_length_summary(members),
             }
         )
     # Mixers in the order they were run (the order the caller asked for), then the grid.
     order = {m: i for i, m in enumerate(dict.fromkeys(r["mixer"] for r in runs))}
     rows.sort(key=lambda r: (order[r["mixer"]], r["seq_len"], r["d_model"] or 0))
     return rows
+
+
+def _length_summary(members: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread over seeds of the final model's accuracy at each longer length."""
+    lengths = sorted({int(L) for r in members for L in (r.get("length_acc") or {})})
+    if not lengths:
+        return {}
+    mean, std = {}, {}
+    for L in lengths:
+        accs = [r["length_acc"][str(L)] for r in members if str(L) in (r.get("length_acc") or {})]
+        mean[str(L)] = statistics.fmean(accs)
+        std[str(L)] = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return {"length_acc_mean": mean, "length_acc_std": std}
 
 
 def _group_key(run: dict[str, Any]) -> tuple:
@@ -102,8 +116,32 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, str
         x_axis=config["x_axis"],
         title=f"{config['task']['task']}: accuracy (best lr, mean ± std over seeds)",
     )
+    rows = length_rows(results["summary"])
+    if rows:
+        files["length_csv"], files["length_plot"] = str(out / "length.csv"), str(out / "length.png")
+        _write_csv(files["length_csv"], LENGTH_COLUMNS, rows)
+        plot_summary([{**r, "seq_len": r["test_len"], "d_model": f"T={r['seq_len']}, d={r['d_model']}"} for r in rows],
+                     files["length_plot"], x_axis="seq_len", panel_title="trained at {value}",
+                     title=f"{config['task']['task']}: length generalisation (mean ± std over seeds)")
     write_json_atomic(files["json"], jsonable(results))
     return files
+
+
+LENGTH_COLUMNS = ("mixer", "seq_len", "d_model", "test_len", "acc_mean", "acc_std", "n_seeds")
+
+
+def length_rows(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (mixer, training length, width, test length), the training length first
+    (its accuracy: the best during training)."""
+    rows = []
+    for r in summary:
+        if not r.get("length_acc_mean"):
+            continue
+        base = {"mixer": r["mixer"], "seq_len": r["seq_len"], "d_model": r["d_model"], "n_seeds": r["n_seeds"]}
+        rows.append({**base, "test_len": r["seq_len"], "acc_mean": r["acc_mean"], "acc_std": r["acc_std"]})
+        for L, acc in sorted(r["length_acc_mean"].items(), key=lambda kv: int(kv[0])):
+            rows.append({**base, "test_len": int(L), "acc_mean": acc, "acc_std": r["length_acc_std"][L]})
+    return rows
 
 
 def _write_csv(path: str, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
@@ -156,6 +194,7 @@ def format_table(results: dict[str, Any]) -> str:
         body = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
         body += [fmt.format(*row) for row in lines]
         blocks.append("\n".join([title, *body]))
+    blocks += _length_blocks(summary)
     spread = results.get("param_spread") or {}
     if spread and len(mixers) > 1:
         blocks.append(
@@ -172,6 +211,24 @@ def format_table(results: dict[str, Any]) -> str:
             "Use --time-limit 0 for no cap."
         )
     return "\n\n".join(blocks)
+
+
+def _length_blocks(summary: list[dict[str, Any]]) -> list[str]:
+    """Length generalisation: per training length and width, accuracy at each test length."""
+    blocks = []
+    for (T, d) in dict.fromkeys((r["seq_len"], r["d_model"]) for r in summary if r.get("length_acc_mean")):
+        rows = [r for r in summary if (r["seq_len"], r["d_model"]) == (T, d) and r.get("length_acc_mean")]
+        lengths = sorted({int(L) for r in rows for L in r["length_acc_mean"]})
+        header = ["mixer", f"T={T} (trained)"] + [f"T={L}" for L in lengths]
+        lines = [[r["mixer"], f"{r['acc_mean']:.3f}±{r['acc_std']:.3f}"]
+                 + [f"{r['length_acc_mean'][str(L)]:.3f}±{r['length_acc_std'][str(L)]:.3f}"
+                    if str(L) in r["length_acc_mean"] else "-" for L in lengths] for r in rows]
+        widths = [max(len(row[i]) for row in [header] + lines) for i in range(len(header))]
+        fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+        body = [fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*row) for row in lines]
+        blocks.append("\n".join([f"length generalisation: trained at T={T}, d={d}; accuracy of the final "
+                                  "model at longer T (the trained column: best during training)", *body]))
+    return blocks
 
 
 def _compact(n: int) -> str:

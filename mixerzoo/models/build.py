@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from torch import nn
 
 from ..registry import (
     RegistryError,
@@ -227,3 +230,21 @@ def param_rows(size: str, mixers: Sequence[str] | None = None, **kwargs: Any) ->
             "state_16k": states[16384],
         })
     return rows
+
+
+def no_decay_names(model: "nn.Module") -> set[str]:
+    """Parameters without weight decay: vectors (norm gains, biases, per-head scalars such as
+    A_log, D, dt_bias, λ tables) and anything a mixer marks with ``_no_weight_decay``."""
+    return {n for n, p in model.named_parameters() if p.dim() < 2 or getattr(p, "_no_weight_decay", False)}
+
+
+def weight_decay_groups(model: "nn.Module", weight_decay: float,
+                        no_decay: set[str] | None = None) -> list[dict[str, Any]]:
+    """AdamW parameter groups: decay on matrices only (see :func:`no_decay_names`), for LM
+    training and the synthetic sweeps alike. ``no_decay`` defaults to ``no_decay_names(model)``."""
+    no_decay = no_decay_names(model) if no_decay is None else no_decay
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for n, p in named if n not in no_decay], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0},
+    ]

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.build import no_decay_names, weight_decay_groups
 from ..models.io import CheckpointError
 from . import checkpoint as ckpt_io
 from . import distributed as dist_util
@@ -35,12 +36,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def no_decay_names(model: nn.Module) -> set[str]:
-    """Parameters without weight decay: vectors (norm gains, biases, per-head scalars such as
-    A_log, D, dt_bias, λ tables) and anything a mixer marks with ``_no_weight_decay``."""
-    return {n for n, p in model.named_parameters() if p.dim() < 2 or getattr(p, "_no_weight_decay", False)}
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -73,12 +68,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
     """AdamW with weight decay on matrices only. ``no_decay`` (default
     :func:`no_decay_names` of ``model``) must be taken before FSDP wraps the model: its
     parameters lose their marks there, and the groups are then matched by name."""
-    no_decay = no_decay_names(model) if no_decay is None else no_decay
-    named = list(model.named_parameters())
-    groups = [
-        {"params": [p for n, p in named if n not in no_decay], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0},
-    ]
+    groups = weight_decay_groups(model, cfg.weight_decay, no_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=device.type == "cuda")
 
 

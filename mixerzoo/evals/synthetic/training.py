@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from mixerzoo.models.build import weight_decay_groups
 from mixerzoo.tasks import IGNORE_INDEX, SyntheticTask
 
 from .config import SyntheticRunConfig
@@ -50,19 +51,6 @@ def masked_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, in
     mask = labels != IGNORE_INDEX
     pred = logits.argmax(dim=-1)
     return int((pred[mask] == labels[mask]).sum()), int(mask.sum())
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # Matrices (projections, embeddings) are decayed; gains, biases and per-head scalars
-    # (norm weights, A_log, dt_bias, λ tables) are not, as in GPT/Mamba training recipes.
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 @torch.no_grad()
@@ -105,7 +93,7 @@ def train_one(
     "time_limit" or "diverged" (a non-finite loss at an evaluation step).
     """
     optimizer = torch.optim.AdamW(
-        _param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas,
+        weight_decay_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas,
         foreach=device.type == "cuda",
     )
     warmup = int(cfg.warmup_frac * cfg.max_steps)

@@ -344,3 +344,26 @@ def test_registered_class_that_is_not_a_module_or_returns_the_wrong_shape(monkey
         REGISTRY.remove("tmp_not_module")
         REGISTRY.remove("tmp_wrong_shape")
         sys.modules.pop(module.__name__, None)
+
+
+def test_a_constructor_that_needs_real_tensors_is_named_with_the_meta_device():
+    from mixerzoo import register_mixer
+    from mixerzoo.registry import REGISTRY, RegistryError
+
+    class NeedsValues(torch.nn.Module):
+        def __init__(self, d_model, layer_idx=0):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(d_model, d_model))
+            self.norm = float(self.w.detach().norm())  # reads a value: impossible on meta
+
+        def forward(self, x):
+            return x @ self.w
+
+    register_mixer("tmp_needs_values", NeedsValues)
+    try:
+        for build in (lambda: mixerzoo.build_model("tmp_needs_values", size="tiny", vocab_size=97),
+                      lambda: __import__("mixerzoo.models.build", fromlist=["x"]).param_rows("tiny", ["tmp_needs_values"])):
+            with pytest.raises(RegistryError, match=r"'tmp_needs_values'.*meta device.*must not read tensor values"):
+                build()
+    finally:
+        REGISTRY.remove("tmp_needs_values")

@@ -13,12 +13,12 @@ from ..registry import (
     RegistryError,
     check_options,
     class_for_layer,
-    construct_mixer,
     get_mixer_spec,
     resolve_mixer_class,
 )
 from .config import MixerZooConfig, check_int
 from .sizes import (
+    construct_on_meta,
     get_size,
     mixer_param_count,
     non_embedding_params,
@@ -201,24 +201,21 @@ def count_non_embedding(model) -> int:
 
 def param_rows(size: str, mixers: Sequence[str] | None = None, **kwargs: Any) -> list[dict[str, Any]]:
     """One row per mixer at ``size``: non-embedding params, deviation from target, state sizes."""
-    import torch
-
     from ..registry import list_mixers
     target = param_target(size, kwargs.get("d_model"), kwargs.get("n_layers"))
     rows = []
     for name in list_mixers() if mixers is None else mixers:
         cfg = build_config(name, size, **kwargs)
         mixer_params, states = [], {2048: 0, 16384: 0}
-        with torch.device("meta"):
-            for i, layer in enumerate(cfg.layers):
-                mixer = construct_mixer(class_for_layer(name, layer["class"]), cfg.d_model, i, layer["options"], name)
-                mixer_params.append(sum(p.numel() for p in mixer.parameters()))
-                for t in states:
-                    # a mixer without recurrent decoding has no state size to report
-                    try:
-                        states[t] = None if states[t] is None else states[t] + mixer.state_size(t)
-                    except (AttributeError, NotImplementedError):
-                        states[t] = None
+        for i, layer in enumerate(cfg.layers):
+            mixer = construct_on_meta(class_for_layer(name, layer["class"]), cfg.d_model, i, layer["options"], name)
+            mixer_params.append(sum(p.numel() for p in mixer.parameters()))
+            for t in states:
+                # a mixer without recurrent decoding has no state size to report
+                try:
+                    states[t] = None if states[t] is None else states[t] + mixer.state_size(t)
+                except (AttributeError, NotImplementedError):
+                    states[t] = None
         params = non_embedding_params(mixer_params, cfg.d_model, cfg.mlp_hidden)
         rows.append({
             "mixer": name,

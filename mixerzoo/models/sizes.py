@@ -60,11 +60,26 @@ def softmax_mlp_width(d_model: int) -> int:
     return 64 * math.ceil(8 * d_model / 3 / 64)
 
 
+def construct_on_meta(cls: type, d_model: int, layer_idx: int, options: dict[str, Any], name: str | None = None):
+    """One mixer layer built on the meta device (no memory, no init cost), where parameters
+    are counted before any model is built; a constructor that needs real tensor values
+    fails with its name and what to change, not with torch's message alone."""
+    try:
+        with torch.device("meta"):
+            return construct_mixer(cls, d_model, layer_idx, options, name)
+    except RegistryError:
+        raise
+    except Exception as e:
+        raise RegistryError(
+            f"mixer {name or cls.__name__!r} ({cls.__module__}.{cls.__name__}) could not be built on the meta "
+            f"device, where mixerzoo counts parameters before building a model: {type(e).__name__}: {e}. "
+            "A constructor must not read tensor values (.item(), float(t), printing a tensor, data-dependent "
+            "branches); compute such values from plain numbers, or in forward") from e
+
+
 def mixer_param_count(cls: type, d_model: int, layer_idx: int, options: dict[str, Any], name: str | None = None) -> int:
-    """Parameters of one mixer layer, counted on the meta device (no memory, no init cost)."""
-    with torch.device("meta"):
-        mixer = construct_mixer(cls, d_model, layer_idx, options, name)
-    return sum(p.numel() for p in mixer.parameters())
+    """Parameters of one mixer layer, counted on the meta device."""
+    return sum(p.numel() for p in construct_on_meta(cls, d_model, layer_idx, options, name).parameters())
 
 
 def block_extra_params(d_model: int, mlp_hidden: int) -> int:

@@ -14,12 +14,15 @@ accuracy is kept; the summary reports its mean and spread over seeds, as Zoology
 Accuracy is per token at the labelled positions (argmax of the logits equals the label),
 counted over the whole evaluation set. Files written to ``out_dir``: ``results.json`` (the
 config, every run with its evaluation history, the summary), ``results.csv`` (one row per
-run), ``summary.csv`` (one row per mixer and point of the sweep) and ``accuracy.png``. They
-are rewritten after every run (``"complete": false`` until the sweep ends), so a sweep that is
-stopped part-way keeps the runs it finished.
+run), ``summary.csv`` (one row per mixer and point of the sweep), ``accuracy.png`` and, with
+``eval_length_factors``, ``length.csv`` and ``length.png``. They are rewritten after every run
+(``"complete": false`` until the sweep ends), so a sweep that is stopped part-way keeps the
+runs it finished, and a rerun into the same folder trains only the runs still missing.
 
-Modules: ``config`` (what a sweep runs), ``training`` (one run), ``sweep`` (all runs, saved as
-they finish), ``results`` (lr selection, summary, files, table), ``presets`` (named sweeps).
+Modules: ``config`` (what a sweep runs), ``training`` (one run), ``sweep`` (all runs, resumed
+and optionally on several processes), ``results`` (lr selection, summary, files, table),
+``presets`` (the built-in sweeps), ``experiments`` (YAML files and ``--set`` keys; the shipped
+files live in ``experiments/``).
 """
 
 from .config import PRECISIONS, X_AXES, SyntheticRunConfig, resolve_device, resolve_mixers

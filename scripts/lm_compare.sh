@@ -3,6 +3,8 @@
 # then validation bits per byte, the bundled lm-eval tasks and the loss curves on one plot.
 #   usage: scripts/lm_compare.sh DATA TOKENIZER OUT [STEPS] [SIZE] [SEEDS]
 #   e.g.   scripts/lm_compare.sh corpus/ tok/ results/lm_compare 2000 125m 2
+# MIXERS (default: every registered mixer) picks the mixers; TRAIN_ARGS adds `mixerzoo train`
+# options to every run (e.g. TRAIN_ARGS="--keep-checkpoints 1").
 # Finished runs are kept: a rerun resumes each run from its last checkpoint (the same batches).
 set -euo pipefail
 DATA=$1; TOK=$2; OUT=$3; STEPS=${4:-2000}; SIZE=${5:-125m}; SEEDS=${6:-1}
@@ -10,6 +12,7 @@ MIXERS=${MIXERS:-$(python3 -c "import mixerzoo; print(' '.join(mixerzoo.list_mix
 COMMON=(--data "$DATA" --tokenizer "$TOK" --size "$SIZE" --seq-len 2048 --batch-size 16 --steps "$STEPS"
         --warmup-steps $((STEPS / 20 + 1)) --lr 1e-3 --val-fraction 0.02 --val-batches 4
         --val-every $((STEPS / 10 + 1)) --save-every $((STEPS / 4 + 1)) --data-cache "$OUT/cache" --no-progress)
+read -r -a EXTRA <<< "${TRAIN_ARGS:-}"
 mkdir -p "$OUT"
 runs=()
 for seed in $(seq 0 $((SEEDS - 1))); do
@@ -30,7 +33,7 @@ PY
     case $state in
       done) echo "== $m seed $seed: finished earlier"; runs+=("$m/s$seed=$run"); continue ;;
       resume) echo "== $m seed $seed: resuming"; python3 -m mixerzoo.cli train --resume "$run" ;;
-      *) echo "== $m seed $seed"; python3 -m mixerzoo.cli train --mixer "$m" --seed "$seed" "${COMMON[@]}" --out "$run" ;;
+      *) echo "== $m seed $seed"; python3 -m mixerzoo.cli train --mixer "$m" --seed "$seed" "${COMMON[@]}" ${EXTRA[@]+"${EXTRA[@]}"} --out "$run" ;;
     esac
     python3 -m mixerzoo.cli eval --model "$run" --tasks mixerzoo_offline --batch_size 8 \
       --output_path "$OUT/eval_${m}_s$seed" || echo "lm-eval exited non-zero for $m (see above)"

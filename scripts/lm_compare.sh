@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The LM comparison: every mixer at one matched size, the same data, tokenizer and token budget,
-# then validation bits per byte, the bundled lm-eval tasks and the loss curves on one plot.
+# then validation bits per byte, the bundled lm-eval tasks and the loss curves on one plot, and
+# OUT/summary.{md,csv,json}: mean ± spread over seeds per mixer (mixerzoo.evals.lm_summary).
 #   usage: scripts/lm_compare.sh DATA TOKENIZER OUT [STEPS] [SIZE] [SEEDS]
 #   e.g.   scripts/lm_compare.sh corpus/ tok/ results/lm_compare 2000 125m 2
 # MIXERS (default: every registered mixer) picks the mixers; TRAIN_ARGS adds `mixerzoo train`
@@ -41,3 +42,4 @@ PY
   done
 done
 python3 -m mixerzoo.cli compare "${runs[@]}" --out "$OUT/compare" --title "LM comparison, $SIZE, $STEPS steps"
+python3 -m mixerzoo.evals.lm_summary "$OUT"

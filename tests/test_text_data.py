@@ -327,6 +327,11 @@ def test_validation_is_held_out_by_document(corpus):
     val_docs = lambda seed: list(  # noqa: E731
         PackedSequences(corpus, L, split="val", val_fraction=0.1, seed=seed).docs)
     assert val_docs(3) == list(val.docs) and val_docs(4) != list(val.docs)
+    # split_seed fixes the held-out documents apart from the seed, which still orders the stream
+    fixed = lambda seed: PackedSequences(corpus, L, split="train", val_fraction=0.1, seed=seed, split_seed=3)  # noqa: E731
+    assert list(fixed(4).docs) == list(train.docs) == list(fixed(9).docs)
+    assert not torch.equal(fixed(4).batch(0, 8), fixed(9).batch(0, 8))
+    assert fixed(4).describe()["split_seed"] == 3
 
 
 def test_validation_mask_edge_cases():

@@ -7,6 +7,7 @@ Everything runs on the CPU with ``tiny`` models on one small generated corpus, t
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -742,3 +743,30 @@ def test_bf16_true_precision_trains_in_bf16(data, tmp_path):
 def test_precision_is_checked():
     with pytest.raises(ConfigError, match="precision"):
         TrainConfig(precision="bf8")
+
+
+# --- 5. seeds share one validation set ------------------------------------------------------
+
+def test_seeds_share_the_validation_documents_and_old_runs_keep_theirs(data, tmp_path):
+    from mixerzoo.train.cli_args import config_from_args
+
+    small = {**data, **BASE, "steps": 2, "save_every": 2, "val_every": 2, "val_fraction": 0.1}
+    docs = {}
+    for seed in (0, 1):
+        t = Trainer(TrainConfig(out=str(tmp_path / f"s{seed}"), seed=seed, **small))
+        docs[seed] = (list(t.val_data.docs), t.train_data.batch(0, 4))
+    assert docs[0][0] == docs[1][0], "another seed must not change the held-out documents"
+    assert not torch.equal(docs[0][1], docs[1][1]), "the seed still orders the training stream"
+    other = Trainer(TrainConfig(out=str(tmp_path / "split"), seed=0, split_seed=5, **small))
+    assert list(other.val_data.docs) != docs[0][0]
+
+    # A run saved before split_seed existed held out documents by its seed; resuming keeps them.
+    run = tmp_path / "old"
+    train(TrainConfig(out=str(run), seed=3, split_seed=3, **{**small, "steps": 1, "save_every": 1}))
+    state_file = run / "checkpoints" / _latest(run) / "trainer" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["split_seed"]
+    state_file.write_text(json.dumps(state))
+    args = argparse.Namespace(resume=str(run), config=None)
+    cfg, resume = config_from_args(args)
+    assert resume and cfg.split_seed == 3 and cfg.seed == 3

@@ -502,21 +502,24 @@ class PackedSequences:
     the windows in order. ``"train"`` is an endless stream: epoch ``e`` visits every window
     once, in the order of a permutation seeded by ``(seed, e)``. Sample ``p`` of the stream is
     a pure function of the arguments, so a run resumed at position ``p`` sees the same data.
+    ``split_seed`` picks the held-out documents (None: ``seed``); runs that differ only in
+    ``seed`` but share ``split_seed`` are validated on the same documents.
 
     Example (``seq_len=4``, documents ``[a b EOS]``, ``[c d e EOS]``, ``[f EOS]``, all train):
     the split is ``a b EOS c | d e EOS f | EOS`` -> 2 windows, the last ``EOS`` dropped.
     """
 
     def __init__(self, corpus: TokenCorpus, seq_len: int, *, split: str = "train",
-                 val_fraction: float = 0.01, seed: int = 0):
+                 val_fraction: float = 0.01, seed: int = 0, split_seed: int | None = None):
         if split not in ("train", "val"):
             raise DataError(f"split must be 'train' or 'val', got {split!r}")
         self.seq_len = _check_int("seq_len", seq_len, 2)  # one token predicts nothing
         self.seed = _check_int("seed", seed, 0)
+        self.split_seed = self.seed if split_seed is None else _check_int("split_seed", split_seed, 0)
         if not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
             raise DataError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
         self.corpus, self.split, self.val_fraction = corpus, split, float(val_fraction)
-        held_out = validation_mask(corpus.n_docs, self.val_fraction, self.seed)
+        held_out = validation_mask(corpus.n_docs, self.val_fraction, self.split_seed)
         self.docs = np.flatnonzero(held_out if split == "val" else ~held_out)  # [n_split_docs]
         starts = corpus.doc_offsets[self.docs]
         lengths = corpus.doc_offsets[self.docs + 1] - starts
@@ -581,7 +584,7 @@ class PackedSequences:
         """What decides the stream, for checkpoints: a resume with other values reads other
         data."""
         return {"data": self.corpus.fingerprint, "seq_len": self.seq_len, "split": self.split,
-                "val_fraction": self.val_fraction, "seed": self.seed}
+                "val_fraction": self.val_fraction, "seed": self.seed, "split_seed": self.split_seed}
 
     def __repr__(self) -> str:
         return (f"PackedSequences({self.split}, seq_len={self.seq_len}, windows={self._len}, "

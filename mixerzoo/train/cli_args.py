@@ -30,6 +30,8 @@ _HELP = {
     "precision": "auto, bf16 (autocast, fp32 weights), bf16-true (bf16 weights), fp32",
     "checkpoint_activations": "recompute each block in backward (less memory, ~1/3 more time)",
     "out": "run folder: checkpoints, metrics.jsonl, loss.png, train_config.json",
+    "seed": "initialisation and the order of the training data",
+    "split_seed": "which documents are held out for validation (keep it fixed across seeds)",
 }
 
 
@@ -81,6 +83,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
         if ckpt is None:
             raise ConfigError(f"--resume {args.resume}: no checkpoint there yet; start the run without --resume")
         values = dict(read_state(ckpt)["config"])
+        # runs saved before split_seed existed held out documents by their seed
+        values.setdefault("split_seed", values.get("seed", 0))
         if "out" in given and Path(given["out"]).resolve() != Path(args.resume).resolve():
             raise ConfigError(f"--resume {args.resume} continues that run in place; drop --out {given['out']}")
         values["out"] = args.resume

@@ -64,6 +64,9 @@ class TrainConfig:
     tokenizer: str | None = None  # None: the byte-level tokenizer; else an HF name or folder
     data_cache: str | None = None  # token cache folder (default: ~/.cache/mixerzoo/tokens)
     val_fraction: float = 0.01  # share of documents held out for validation
+    # which documents are held out: fixed apart from ``seed``, so that runs of several seeds
+    # are validated on the same documents and their losses compare
+    split_seed: int = 0
     seq_len: int = 512
     # --- optimisation ---
     batch_size: int = 8
@@ -137,7 +140,7 @@ class TrainConfig:
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, "must be an integer >= 1")
         need(self.seq_len >= 2, "seq_len", "must be >= 2 (one input and one target token)")
-        for name in ("warmup_steps", "seed"):
+        for name in ("warmup_steps", "seed", "split_seed"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, name, "must be an integer >= 0")
         if self.micro_batch_size is not None:

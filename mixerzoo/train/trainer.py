@@ -155,7 +155,7 @@ class Trainer:
         if not d.is_main:
             corpus = tokenize_corpus(cfg.data, self.tokenizer, cache, text_field=cfg.text_field, progress=False)
         self.corpus = corpus
-        kw = dict(val_fraction=cfg.val_fraction, seed=cfg.seed)
+        kw = dict(val_fraction=cfg.val_fraction, seed=cfg.seed, split_seed=cfg.split_seed)
         self.train_data = PackedSequences(corpus, cfg.seq_len, split="train", **kw)
         self.val_data = PackedSequences(corpus, cfg.seq_len, split="val", **kw) if cfg.val_fraction > 0 else None
         self.token_bytes = torch.as_tensor(token_byte_lengths(self.tokenizer), dtype=torch.float64)

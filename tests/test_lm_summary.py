@@ -1,0 +1,64 @@
+"""The LM comparison table: runs over seeds per mixer, unfinished runs left out of the means."""
+
+import json
+import math
+
+import pytest
+
+from mixerzoo.evals.lm_summary import collect_runs, main, summarise_lm, write_summary
+
+
+def _run(out, mixer, seed, steps, target, val_bpb, acc=None):
+    run = out / f"{mixer}_s{seed}"
+    run.mkdir(parents=True)
+    (run / "train_config.json").write_text(json.dumps({"mixer": mixer, "steps": target}))
+    lines = [{"step": s, "loss": 5.0 - s / 100, "tok_per_s": 1000.0 + s, "peak_mem_gib": 2.0}
+             for s in range(1, steps + 1)]
+    lines.append({"step": steps, "val_loss": val_bpb * 3, "val_bpb": val_bpb, "val_tokens": 10})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    if acc is not None:
+        res = out / f"eval_{mixer}_s{seed}" / "model_dir"
+        res.mkdir(parents=True)
+        body = {"results": {"mixerzoo_choice": {"alias": "x", "acc,none": acc, "acc_stderr,none": 0.02},
+                            "mixerzoo_perplexity": {"bits_per_byte,none": 3.0 + acc}}}
+        (res / "results_2026-01-01T00-00-00.json").write_text(json.dumps({"results": {"old": {"acc,none": 9.0}}}))
+        (res / "results_2026-01-02T00-00-00.json").write_text(json.dumps(body))
+
+
+def test_means_spreads_and_unfinished_runs(tmp_path):
+    _run(tmp_path, "softmax", 0, 10, 10, 1.5, acc=0.30)
+    _run(tmp_path, "softmax", 1, 10, 10, 1.7, acc=0.34)
+    _run(tmp_path, "mamba2", 0, 10, 10, 1.2, acc=0.40)
+    _run(tmp_path, "mamba2", 1, 4, 10, 9.9)  # stopped early: listed, not averaged
+    (tmp_path / "cache").mkdir()  # not a run folder
+    rows = collect_runs(tmp_path)
+    assert [(r["mixer"], r["seed"], r["finished"]) for r in rows] == [
+        ("mamba2", 0, True), ("mamba2", 1, False), ("softmax", 0, True), ("softmax", 1, True)]
+    # the newest lm-eval results file counts; stderr entries are not metrics
+    assert rows[2]["mixerzoo_choice/acc"] == 0.30 and "old/acc" not in rows[2]
+    assert not any("stderr" in k for r in rows for k in r)
+    by = {e["mixer"]: e for e in summarise_lm(rows)}
+    assert by["softmax"]["n"] == 2 and by["softmax"]["seeds"] == [0, 1]
+    assert math.isclose(by["softmax"]["final_val_bpb_mean"], 1.6)
+    assert math.isclose(by["softmax"]["final_val_bpb_std"], 0.1414213562, rel_tol=1e-6)
+    assert math.isclose(by["softmax"]["mixerzoo_choice/acc_mean"], 0.32)
+    assert by["mamba2"]["n"] == 1 and by["mamba2"]["final_val_bpb_mean"] == 1.2
+    assert by["mamba2"]["final_val_bpb_std"] is None and by["mamba2"]["unfinished"] == ["mamba2_s1"]
+
+
+def test_files_and_command(tmp_path, capsys):
+    _run(tmp_path, "loglinear_adaptive", 0, 5, 5, 1.25, acc=0.33)
+    paths = write_summary(tmp_path)
+    table = paths["md"].read_text()
+    assert "| `loglinear_adaptive` | 0 | 1.2500 |" in table
+    assert json.loads(paths["json"].read_text())["mixers"][0]["n"] == 1
+    assert paths["csv"].read_text().splitlines()[0].startswith("mixer,seed,run")
+    assert main([str(tmp_path)]) == 0
+    assert "loglinear_adaptive" in capsys.readouterr().out
+
+
+def test_a_folder_without_runs_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no .*run"):
+        write_summary(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        collect_runs(tmp_path / "missing")

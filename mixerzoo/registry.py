@@ -128,10 +128,10 @@ class Registry:
     def __init__(self) -> None:
         self._builtin: dict[str, MixerSpec] | None = None
         self._entry_points: dict[str, MixerSpec] | None = None
-        self._broken_entry_points: dict[str, RegistryError] = {}
+        self._broken_entry_points: dict[str, str] = {}  # name -> the error message
         self._env_value: str | None = None
         self._env: dict[str, MixerSpec] = {}
-        self._env_error: RegistryError | None = None
+        self._env_error: str | None = None  # the message of a bad MIXERZOO_REGISTRY
         self._user: dict[str, MixerSpec] = {}
 
     # --- sources ---------------------------------------------------------------------------
@@ -144,7 +144,7 @@ class Registry:
                 try:
                     found[ep.name] = self._spec_from_entry_point(ep)
                 except RegistryError as e:  # reported when that name is asked for
-                    self._broken_entry_points[ep.name] = e
+                    self._broken_entry_points[ep.name] = str(e)
             self._entry_points = found
 
     def _load_env(self) -> None:
@@ -157,13 +157,14 @@ class Registry:
                 for spec in read_registry_file(part):
                     self._env[spec.name] = spec
         except RegistryError as e:
-            self._env, self._env_error = {}, RegistryError(f"MIXERZOO_REGISTRY={value!r}: {e}")
+            self._env, self._env_error = {}, f"MIXERZOO_REGISTRY={value!r}: {e}"
 
     def _merged(self) -> dict[str, MixerSpec]:
         self._load_static()
         self._load_env()
         if self._env_error is not None:
-            raise self._env_error
+            # a new exception each time: re-raising one object chains every caller onto its traceback
+            raise RegistryError(self._env_error)
         merged: dict[str, MixerSpec] = {}
         for layer in (self._builtin, self._env, self._entry_points, self._user):
             for name, spec in layer.items():
@@ -234,7 +235,7 @@ class Registry:
         if name in merged:
             return merged[name]
         if name in self._broken_entry_points:
-            raise self._broken_entry_points[name]
+            raise RegistryError(self._broken_entry_points[name])
         close = difflib.get_close_matches(str(name), merged, n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise RegistryError(

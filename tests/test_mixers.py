@@ -397,3 +397,35 @@ def test_gpu_runs_every_mixer(name):
     assert_close("cuda vs cpu", y_cpu, y.cpu(), 5e-3)
     assert_close("cuda steps vs forward", y, torch.stack(ys, dim=1), 5e-3)
     assert_close("bf16 vs fp32", y, y_bf16.float(), 5e-2)
+
+
+# --- a missing optional kernel package keeps nothing alive ------------------------------------
+
+def test_a_missing_kernel_package_keeps_no_caller_tensors_alive():
+    """backend="auto" asks for the optional kernel on every forward. A cached import failure
+    once kept its exception, whose traceback held every caller's frame and so a whole forward
+    pass per step (a 125m model without fla grew by ~6 GiB per step on the GPU)."""
+    import gc
+    import weakref
+
+    from mixerzoo.ops.external import _once
+
+    @_once
+    def loader():
+        raise ImportError("the kernel package is not installed; use backend='torch'")
+
+    refs = []
+
+    def forward_like() -> None:
+        activations = torch.empty(1000)
+        refs.append(weakref.ref(activations))
+        assert optional(loader) is None
+
+    for _ in range(3):
+        forward_like()
+    with pytest.raises(ImportError, match="use backend='torch'"):
+        loader()  # the explicit backend still says what to install, every time
+    with pytest.raises(ImportError, match="use backend='torch'"):
+        loader()
+    gc.collect()
+    assert [r() is None for r in refs] == [True, True, True]

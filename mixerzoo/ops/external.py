@@ -16,25 +16,33 @@ from typing import Callable
 
 
 def _once(loader: Callable[[], Callable]) -> Callable[[], Callable]:
-    """Run ``loader`` once; later calls return its kernel or re-raise its ImportError.
+    """Run ``loader`` once; later calls return its kernel or raise its ImportError again.
 
     Caching the failure matters: ``backend="auto"`` asks on every forward, and a failed
-    import re-scans the path each time it is retried.
+    import re-scans the path each time it is retried. Only the message is kept: an exception
+    object holds its traceback, whose frames hold their callers' frames and every tensor those
+    reference (a whole forward pass), and re-raising the same object chains each new caller
+    onto it, so a model without the package would keep a step's activations alive per step.
     """
     outcome: list = []
 
-    @functools.wraps(loader)
-    def wrapper() -> Callable:
+    def load_or_none() -> Callable | None:
         if not outcome:
             try:
                 outcome.append((True, loader()))
             except ImportError as exc:
-                outcome.append((False, exc))
+                outcome.append((False, str(exc)))
         ok, value = outcome[0]
-        if not ok:
-            raise value
-        return value
+        return value if ok else None
 
+    @functools.wraps(loader)
+    def wrapper() -> Callable:
+        kernel = load_or_none()
+        if kernel is None:
+            raise ImportError(outcome[0][1])
+        return kernel
+
+    wrapper.load_or_none = load_or_none  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -104,7 +112,13 @@ def load_mamba_chunk_scan_combined() -> Callable:
 
 
 def optional(loader: Callable[[], Callable]) -> Callable | None:
-    """The kernel from ``loader``, or None when it cannot be imported (for ``backend="auto"``)."""
+    """The kernel from ``loader``, or None when it cannot be imported (for ``backend="auto"``).
+
+    Asks a cached loader without raising, so that no exception (and no traceback holding the
+    caller's tensors) is made on the hot path."""
+    probe = getattr(loader, "load_or_none", None)
+    if probe is not None:
+        return probe()
     try:
         return loader()
     except ImportError:

@@ -5,8 +5,11 @@
 #   usage: scripts/lm_compare.sh DATA TOKENIZER OUT [STEPS] [SIZE] [SEEDS]
 #   e.g.   scripts/lm_compare.sh corpus/ tok/ results/lm_compare 2000 125m 2
 # MIXERS (default: every registered mixer) picks the mixers; TRAIN_ARGS adds `mixerzoo train`
-# options to every run (e.g. TRAIN_ARGS="--keep-checkpoints 1").
-# Finished runs are kept: a rerun resumes each run from its last checkpoint (the same batches).
+# options to every run (e.g. TRAIN_ARGS="--keep-checkpoints 1"), EVAL_ARGS `mixerzoo eval` options
+# (e.g. EVAL_ARGS="--limit 50" for a quick look).
+# Finished runs are kept: a rerun skips runs whose metrics reached STEPS, resumes the others from
+# their last checkpoint (the same batches), evaluates those without lm-eval results, and goes on
+# past a failed run (listed at the end, exit status 1).
 set -euo pipefail
 DATA=$1; TOK=$2; OUT=$3; STEPS=${4:-2000}; SIZE=${5:-125m}; SEEDS=${6:-1}
 MIXERS=${MIXERS:-$(python3 -c "import mixerzoo; print(' '.join(mixerzoo.list_mixers()))")}
@@ -14,32 +17,38 @@ COMMON=(--data "$DATA" --tokenizer "$TOK" --size "$SIZE" --seq-len 2048 --batch-
         --warmup-steps $((STEPS / 20 + 1)) --lr 1e-3 --val-fraction 0.02 --val-batches 4
         --val-every $((STEPS / 10 + 1)) --save-every $((STEPS / 4 + 1)) --data-cache "$OUT/cache" --no-progress)
 read -r -a EXTRA <<< "${TRAIN_ARGS:-}"
+read -r -a EVAL_EXTRA <<< "${EVAL_ARGS:-}"
 mkdir -p "$OUT"
-runs=()
+runs=(); failed=()
 for seed in $(seq 0 $((SEEDS - 1))); do
   for m in $MIXERS; do
     run="$OUT/${m}_s$seed"
+    # done: its metrics reached STEPS (the checkpoints may have been left behind); resume: a
+    # checkpoint short of STEPS; new: anything else
     state=$(python3 - "$run" "$STEPS" <<'PY'
 import json, sys
 from pathlib import Path
 from mixerzoo.train.checkpoint import latest_checkpoint
 run, steps = Path(sys.argv[1]), int(sys.argv[2])
-if not run.is_dir() or latest_checkpoint(run) is None:
-    print("new")
-else:
-    done = max(json.loads(l)["step"] for l in open(run / "metrics.jsonl") if l.strip())
-    print("done" if done >= steps else "resume")
+metrics = run / "metrics.jsonl"
+done = max((json.loads(l)["step"] for l in open(metrics) if l.strip()), default=0) if metrics.is_file() else 0
+print("done" if done >= steps else "resume" if run.is_dir() and latest_checkpoint(run) is not None else "new")
 PY
 )
     case $state in
-      done) echo "== $m seed $seed: finished earlier"; runs+=("$m/s$seed=$run"); continue ;;
+      done) echo "== $m seed $seed: finished earlier" ;;
       resume) echo "== $m seed $seed: resuming"; python3 -m mixerzoo.cli train --resume "$run" ;;
       *) echo "== $m seed $seed"; python3 -m mixerzoo.cli train --mixer "$m" --seed "$seed" "${COMMON[@]}" ${EXTRA[@]+"${EXTRA[@]}"} --out "$run" ;;
-    esac
-    python3 -m mixerzoo.cli eval --model "$run" --tasks mixerzoo_offline --batch_size 8 \
-      --output_path "$OUT/eval_${m}_s$seed" || echo "lm-eval exited non-zero for $m (see above)"
+    esac || { echo "== $m seed $seed: training failed (see above); going on"; failed+=("$m/s$seed"); continue; }
+    if ! find "$OUT/eval_${m}_s$seed" -name 'results_*.json' 2>/dev/null | grep -q .; then
+      python3 -m mixerzoo.cli eval --model "$run" --tasks mixerzoo_offline --batch_size 8 \
+        --output_path "$OUT/eval_${m}_s$seed" ${EVAL_EXTRA[@]+"${EVAL_EXTRA[@]}"} || echo "lm-eval exited non-zero for $m (see above)"
+    fi
     runs+=("$m/s$seed=$run")
   done
 done
-python3 -m mixerzoo.cli compare "${runs[@]}" --out "$OUT/compare" --title "LM comparison, $SIZE, $STEPS steps"
-python3 -m mixerzoo.evals.lm_summary "$OUT"
+if [ ${#runs[@]} -gt 0 ]; then
+  python3 -m mixerzoo.cli compare "${runs[@]}" --out "$OUT/compare" --title "LM comparison, $SIZE, $STEPS steps"
+  python3 -m mixerzoo.evals.lm_summary "$OUT"
+fi
+if [ ${#failed[@]} -gt 0 ]; then echo "failed runs: ${failed[*]}"; exit 1; fi

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole comparison on one GPU at once: the four synthetic presets at the reduced budget of
+# RESULTS.md (11 small runs sharing the GPU) and the LM comparison in two lanes (125m, 200
+# steps, 2 seeds). Resumable: rerun with the same OUT and finished runs are kept (synthetic
+# runs by the hash of their settings, LM runs by their metrics), so it can be continued across
+# machines by copying OUT's results.json / metrics.jsonl / eval_* files back.
+#   usage: scripts/compare_gpu.sh DATA TOKENIZER OUT
+# Logs: OUT/<part>.log; results: OUT/<preset>/ (results.json, CSVs, plots), OUT/lm/summary.md.
+set -uo pipefail
+DATA=$1; TOK=$2; OUT=$3
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$OUT"
+part() {  # name, command...: run one part into its log, report its exit status
+  local name=$1; shift
+  echo "$name: started $(date -u +%FT%TZ)"
+  "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: exit $? at $(date -u +%FT%TZ)"
+}
+synth() { local name=$1; shift; part "$name" python3 -m mixerzoo.cli synth "$@" --device cuda --out "$OUT/$name"; }
+synth mqar-width --preset mqar-width --set steps=3000 vocab_size=256 "lr=[2.1544e-3]" --time-limit 240 --workers 3 &
+synth mqar --preset mqar --set "d_model=[64, 128]" seeds=2 steps=1000 vocab_size=256 "lr=[2.1544e-3]" --time-limit 240 --workers 4 &
+synth selective-copy --preset selective-copy --set "seq_len=[256, 1024]" "lr=[3.0e-3]" steps=2000 --time-limit 240 --workers 2 &
+synth length-generalisation --preset length-generalisation --set steps=3000 vocab_size=256 "lr=[3.0e-3]" --time-limit 240 --workers 2 &
+lm() { MIXERS="$1" TRAIN_ARGS="--keep-checkpoints 1" bash "$here/lm_compare.sh" "$DATA" "$TOK" "$OUT/lm" 200 125m 2; }
+part lm_a lm "loglinear_adaptive loglinear softmax" &
+part lm_b lm "mamba2 loglinear_fixed linear" &
+wait
+python3 -m mixerzoo.evals.lm_summary "$OUT/lm" || true

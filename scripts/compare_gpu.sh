@@ -21,8 +21,16 @@ synth mqar-width --preset mqar-width --set steps=3000 vocab_size=256 "lr=[2.1544
 synth mqar --preset mqar --set "d_model=[64, 128]" seeds=2 steps=1000 vocab_size=256 "lr=[2.1544e-3]" --time-limit 240 --workers 4 &
 synth selective-copy --preset selective-copy --set "seq_len=[256, 1024]" "lr=[3.0e-3]" steps=2000 --time-limit 240 --workers 2 &
 synth length-generalisation --preset length-generalisation --set steps=3000 vocab_size=256 "lr=[3.0e-3]" --time-limit 240 --workers 2 &
-lm() { MIXERS="$1" TRAIN_ARGS="--keep-checkpoints 1" bash "$here/lm_compare.sh" "$DATA" "$TOK" "$OUT/lm" 200 125m 2; }
+lm() { MIXERS="$1" SUMMARY=0 TRAIN_ARGS="--keep-checkpoints 1" bash "$here/lm_compare.sh" "$DATA" "$TOK" "$OUT/lm" 200 125m 2; }
 part lm_a lm "loglinear_adaptive loglinear softmax" &
 part lm_b lm "mamba2 loglinear_fixed linear" &
 wait
-python3 -m mixerzoo.evals.lm_summary "$OUT/lm" || true
+# one plot and one table over both lanes' runs
+runs=()
+for d in "$OUT"/lm/*_s*/; do
+  [ -f "$d/metrics.jsonl" ] && runs+=("$(basename "$d")=$d")
+done
+if [ ${#runs[@]} -gt 0 ]; then
+  python3 -m mixerzoo.cli compare "${runs[@]}" --out "$OUT/lm/compare" --title "LM comparison, 125m, 200 steps"
+  python3 -m mixerzoo.evals.lm_summary "$OUT/lm"
+fi

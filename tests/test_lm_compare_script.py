@@ -25,10 +25,10 @@ def test_runs_evaluates_summarises_and_resumes(tmp_path):
     env = {**os.environ, "MIXERS": "softmax", "EVAL_ARGS": "--limit 4", "HF_DATASETS_OFFLINE": "1",
            "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", "CUDA_VISIBLE_DEVICES": ""}
 
-    def run() -> str:
+    def run(rc: int = 0, **extra: str) -> str:
         proc = subprocess.run(["bash", str(SCRIPT), str(corpus), "byte", str(out), "2", "tiny", "1"],
-                              env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+                              env={**env, **extra}, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == rc, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout + proc.stderr
 
     first = run()
@@ -46,3 +46,12 @@ def test_runs_evaluates_summarises_and_resumes(tmp_path):
     assert "softmax seed 0: finished earlier" in second
     assert "Running loglikelihood" in first
     assert "Running loglikelihood" not in second  # its lm-eval results were kept, not redone
+
+    # A run that fails is reported and the others go on; the exit status says so.
+    # So does a run folder that cannot be read ('latest' names a checkpoint that is gone).
+    (out / "linear_s0").mkdir()
+    (out / "linear_s0" / "latest").write_text("step_00000001\n")
+    third = run(rc=1, MIXERS="nosuchmixer linear softmax")
+    assert "nosuchmixer seed 0: training failed" in third and "softmax seed 0: finished earlier" in third
+    assert "linear seed 0: error: " in third
+    assert "failed runs: nosuchmixer/s0 linear/s0" in third

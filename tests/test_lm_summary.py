@@ -5,13 +5,16 @@ import math
 
 import pytest
 
-from mixerzoo.evals.lm_summary import collect_runs, main, summarise_lm, write_summary
+from mixerzoo.evals.lm_summary import collect_runs, format_markdown, main, summarise_lm, write_summary
 
 
-def _run(out, mixer, seed, steps, target, val_bpb, acc=None):
+def _run(out, mixer, seed, steps, target, val_bpb, acc=None, split_seed=0):
     run = out / f"{mixer}_s{seed}"
     run.mkdir(parents=True)
-    (run / "train_config.json").write_text(json.dumps({"mixer": mixer, "steps": target}))
+    config = {"mixer": mixer, "steps": target, "seed": seed}
+    if split_seed is not None:  # None: a run saved before split_seed existed (split by seed)
+        config["split_seed"] = split_seed
+    (run / "train_config.json").write_text(json.dumps(config))
     lines = [{"step": s, "loss": 5.0 - s / 100, "tok_per_s": 1000.0 + s, "peak_mem_gib": 2.0}
              for s in range(1, steps + 1)]
     lines.append({"step": steps, "val_loss": val_bpb * 3, "val_bpb": val_bpb, "val_tokens": 10})
@@ -44,6 +47,21 @@ def test_means_spreads_and_unfinished_runs(tmp_path):
     assert math.isclose(by["softmax"]["mixerzoo_choice/acc_mean"], 0.32)
     assert by["mamba2"]["n"] == 1 and by["mamba2"]["final_val_bpb_mean"] == 1.2
     assert by["mamba2"]["final_val_bpb_std"] is None and by["mamba2"]["unfinished"] == ["mamba2_s1"]
+    assert by["softmax"]["mixerzoo_choice/acc_n"] == 2
+
+
+def test_a_metric_missing_for_a_seed_and_mixed_splits_are_marked(tmp_path):
+    _run(tmp_path, "mamba2", 0, 5, 5, 1.2, acc=0.30)
+    _run(tmp_path, "mamba2", 1, 5, 5, 1.3)  # its lm-eval failed: no results file
+    rows = collect_runs(tmp_path)
+    summary = summarise_lm(rows)
+    assert summary[0]["mixerzoo_choice/acc_n"] == 1 and summary[0]["final_val_bpb_n"] == 2
+    table = format_markdown(summary, rows)
+    assert "0.300 (1 of 2 seeds)" in table and "Warning" not in table
+    _run(tmp_path, "softmax", 1, 5, 5, 1.6, split_seed=None)  # held out by its seed 1
+    rows = collect_runs(tmp_path)
+    assert [r["split_seed"] for r in rows] == [0, 0, 1]
+    assert "validated on different documents (split seeds [0, 1])" in format_markdown(summarise_lm(rows), rows)
 
 
 def test_files_and_command(tmp_path, capsys):

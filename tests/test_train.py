@@ -770,3 +770,11 @@ def test_seeds_share_the_validation_documents_and_old_runs_keep_theirs(data, tmp
     args = argparse.Namespace(resume=str(run), config=None)
     cfg, resume = config_from_args(args)
     assert resume and cfg.split_seed == 3 and cfg.seed == 3
+    assert cfg.identity_changes(state["config"]) == {}
+    # another split would train on other documents: refused, naming the field, by both paths
+    for split in (0, 7):
+        with pytest.raises(ConfigError, match="split_seed: 3 -> %d" % split):
+            Trainer(cfg.replace(split_seed=split), resume=True)
+    args = argparse.Namespace(resume=str(run), config=None, split_seed=9)
+    with pytest.raises(ConfigError, match="split_seed: 3 -> 9"):
+        Trainer(config_from_args(args)[0], resume=True)

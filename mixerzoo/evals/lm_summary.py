@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import statistics
 from pathlib import Path
 from typing import Any
 
 from mixerzoo.files import write_json_atomic
+from mixerzoo.train.config import saved_split_seed
 from mixerzoo.train.metrics import compare_runs, read_metrics
 
 _RUN = re.compile(r"^(?P<mixer>.+)_s(?P<seed>\d+)$")
@@ -56,9 +58,11 @@ def collect_runs(out_dir: str | Path) -> list[dict[str, Any]]:
             continue
         m = _RUN.match(run.name)
         config_file = run / "train_config.json"
-        target = json.loads(config_file.read_text()).get("steps") if config_file.is_file() else None
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        target = config.get("steps")
         row = compare_runs({run.name: records})["runs"][run.name]
         rows.append({"mixer": m["mixer"], "seed": int(m["seed"]), "run": run.name, "target_steps": target,
+                     "split_seed": saved_split_seed(config) if config else None,
                      "finished": target is not None and row["steps"] >= target, **row,
                      **lm_eval_metrics(out_dir / f"eval_{run.name}")})
     return sorted(rows, key=lambda r: (r["mixer"], r["seed"]))
@@ -66,7 +70,8 @@ def collect_runs(out_dir: str | Path) -> list[dict[str, Any]]:
 
 def summarise_lm(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per mixer over its finished runs: n, seeds, and ``{metric}_mean`` / ``{metric}_std``
-    (sample standard deviation; None with one seed) for validation and lm-eval metrics."""
+    (sample standard deviation; None with one seed) for validation and lm-eval metrics, and
+    ``{metric}_n``, the seeds that have it (fewer than n where, say, an lm-eval run failed)."""
     metrics = ["final_val_loss", "final_val_bpb", "median_tok_per_s", "peak_mem_gib"]
     metrics += sorted({k for r in rows for k in r if "/" in k})
     out = []
@@ -78,27 +83,35 @@ def summarise_lm(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [r[name] for r in done if r.get(name) is not None]
             entry[f"{name}_mean"] = statistics.fmean(values) if values else None
             entry[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else None
+            entry[f"{name}_n"] = len(values)
         out.append(entry)
     return out
 
 
-def _cell(mean: float | None, std: float | None, digits: int) -> str:
+def _cell(entry: dict[str, Any], key: str, digits: int) -> str:
+    mean, std, n = entry.get(f"{key}_mean"), entry.get(f"{key}_std"), entry.get(f"{key}_n", 0)
     if mean is None:
         return "–"
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+    text = f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+    return text + (f" ({n} of {entry['n']} seeds)" if n < entry["n"] else "")
 
 
-def format_markdown(summary: list[dict[str, Any]]) -> str:
-    """The table RESULTS.md quotes: mean ± sample std over the finished seeds."""
+def format_markdown(summary: list[dict[str, Any]], rows: list[dict[str, Any]] | None = None) -> str:
+    """The table RESULTS.md quotes: mean ± sample std over the finished seeds; with ``rows``, a
+    warning when the runs were validated on different documents (several split seeds)."""
     cols = [("final_val_bpb", "val bits/byte", 4), ("final_val_loss", "val loss", 4),
             ("mixerzoo_choice/acc", "choice acc", 3), ("mixerzoo_choice/acc_norm", "choice acc_norm", 3),
             ("mixerzoo_perplexity/bits_per_byte", "lm-eval bits/byte", 3)]
     lines = ["| mixer | seeds | " + " | ".join(c[1] for c in cols) + " | unfinished |",
              "|---|---|" + "---|" * len(cols) + "---|"]
     for e in summary:
-        cells = [_cell(e.get(f"{k}_mean"), e.get(f"{k}_std"), d) for k, _, d in cols]
+        cells = [_cell(e, k, d) for k, _, d in cols]
         seeds = ", ".join(map(str, e["seeds"])) or "none"
         lines.append(f"| `{e['mixer']}` | {seeds} | " + " | ".join(cells) + f" | {', '.join(e['unfinished']) or '–'} |")
+    splits = sorted({r["split_seed"] for r in rows or [] if r.get("finished") and r.get("split_seed") is not None})
+    if len(splits) > 1:
+        lines += ["", f"Warning: these runs were validated on different documents (split seeds {splits}); "
+                      "their validation losses do not compare across split seeds."]
     return "\n".join(lines) + "\n"
 
 
@@ -112,11 +125,15 @@ def write_summary(out_dir: str | Path) -> dict[str, Path]:
     paths = {"json": out_dir / "summary.json", "csv": out_dir / "summary.csv", "md": out_dir / "summary.md"}
     write_json_atomic(paths["json"], {"runs": rows, "mixers": summary})
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(paths["csv"], "w", newline="") as f:
+    # written beside and renamed, so that a reader (or a second writer) never sees half a file
+    tmp_csv, tmp_md = paths["csv"].with_suffix(".csv.tmp"), paths["md"].with_suffix(".md.tmp")
+    with open(tmp_csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    paths["md"].write_text(format_markdown(summary))
+    tmp_md.write_text(format_markdown(summary, rows))
+    os.replace(tmp_csv, paths["csv"])
+    os.replace(tmp_md, paths["md"])
     return paths
 
 

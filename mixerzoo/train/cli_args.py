@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, TrainConfig, _Loader
+from .config import ConfigError, TrainConfig, _Loader, saved_split_seed
 
 _HELP = {
     "mixer": "registry name (mixerzoo list)",
@@ -83,8 +83,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
         if ckpt is None:
             raise ConfigError(f"--resume {args.resume}: no checkpoint there yet; start the run without --resume")
         values = dict(read_state(ckpt)["config"])
-        # runs saved before split_seed existed held out documents by their seed
-        values.setdefault("split_seed", values.get("seed", 0))
+        values["split_seed"] = saved_split_seed(values)
         if "out" in given and Path(given["out"]).resolve() != Path(args.resume).resolve():
             raise ConfigError(f"--resume {args.resume} continues that run in place; drop --out {given['out']}")
         values["out"] = args.resume

@@ -27,9 +27,15 @@ class ConfigError(ValueError):
 # would continue from weights or a data position that mean something else.
 IDENTITY_FIELDS = (
     "mixer", "size", "mixer_options", "vocab_size", "tie_embeddings", "data", "text_field", "tokenizer",
-    "seq_len", "batch_size", "val_fraction", "seed", "lr", "min_lr_ratio", "warmup_steps",
+    "seq_len", "batch_size", "val_fraction", "seed", "split_seed", "lr", "min_lr_ratio", "warmup_steps",
     "weight_decay", "betas", "eps", "steps",
 )
+
+
+def saved_split_seed(saved: dict[str, Any]) -> int:
+    """The split seed of a saved run's config: runs saved before ``split_seed`` existed held
+    out their validation documents by ``seed``."""
+    return saved.get("split_seed", saved.get("seed", 0))
 
 
 class _Loader(yaml.SafeLoader):
@@ -200,4 +206,5 @@ class TrainConfig:
     def identity_changes(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """``{field: (saved, now)}`` for identity fields that differ from a saved run's config."""
         now = json.loads(json.dumps(self.to_dict()))
+        saved = {**saved, "split_seed": saved_split_seed(saved)}
         return {k: (saved.get(k), now[k]) for k in IDENTITY_FIELDS if saved.get(k) != now[k]}

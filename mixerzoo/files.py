@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -9,16 +11,30 @@ from pathlib import Path
 from typing import Any
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON so that ``path`` always holds either the old or the new file:
-    results are rewritten while a long run goes on, and a run killed mid-write must not leave
-    a truncated file behind."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` so that ``path`` always holds either the old or the new file: results
+    are rewritten while a long run goes on, and a run killed mid-write must not leave a
+    truncated file behind."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+    tmp.write_text(text, newline="")  # the text as given: CSV rows keep their own line ends
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """``obj`` as indented JSON, written as :func:`write_text_atomic` does."""
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_csv_atomic(path: str | Path, columns: list[str] | tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    """``rows`` as CSV with a header of ``columns`` (other keys left out, lists joined by
+    spaces), written as :func:`write_text_atomic` does."""
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in row.items()})
+    write_text_atomic(path, buf.getvalue())
 
 
 def check_out_dir(out_dir: str | Path, what: str = "out_dir") -> None:

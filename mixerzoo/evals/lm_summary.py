@@ -11,15 +11,13 @@ step count is listed as unfinished and left out of the means, so a table never m
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import re
 import statistics
 from pathlib import Path
 from typing import Any
 
-from mixerzoo.files import write_json_atomic
+from mixerzoo.files import write_csv_atomic, write_json_atomic, write_text_atomic
 from mixerzoo.train.config import saved_split_seed
 from mixerzoo.train.metrics import compare_runs, read_metrics
 
@@ -124,16 +122,8 @@ def write_summary(out_dir: str | Path) -> dict[str, Path]:
     summary = summarise_lm(rows)
     paths = {"json": out_dir / "summary.json", "csv": out_dir / "summary.csv", "md": out_dir / "summary.md"}
     write_json_atomic(paths["json"], {"runs": rows, "mixers": summary})
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    # written beside and renamed, so that a reader (or a second writer) never sees half a file
-    tmp_csv, tmp_md = paths["csv"].with_suffix(".csv.tmp"), paths["md"].with_suffix(".md.tmp")
-    with open(tmp_csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp_md.write_text(format_markdown(summary, rows))
-    os.replace(tmp_csv, paths["csv"])
-    os.replace(tmp_md, paths["md"])
+    write_csv_atomic(paths["csv"], list(dict.fromkeys(k for r in rows for k in r)), rows)
+    write_text_atomic(paths["md"], format_markdown(summary, rows))
     return paths
 
 

@@ -3,12 +3,11 @@ files (JSON, CSV, plot) and printed table made from them."""
 
 from __future__ import annotations
 
-import csv
 import statistics
 from pathlib import Path
 from typing import Any
 
-from mixerzoo.files import jsonable, write_json_atomic
+from mixerzoo.files import jsonable, write_csv_atomic, write_json_atomic
 
 
 def select_best_lr(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -107,8 +106,8 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, str
         "plot": str(out / "accuracy.png"),
     }
     results["files"] = files
-    _write_csv(files["runs_csv"], RUN_COLUMNS, results["runs"])
-    _write_csv(files["summary_csv"], SUMMARY_COLUMNS, results["summary"])
+    write_csv_atomic(files["runs_csv"], RUN_COLUMNS, results["runs"])
+    write_csv_atomic(files["summary_csv"], SUMMARY_COLUMNS, results["summary"])
     config = results["config"]
     plot_summary(
         results["summary"],
@@ -119,7 +118,7 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, str
     rows = length_rows(results["summary"])
     if rows:
         files["length_csv"], files["length_plot"] = str(out / "length.csv"), str(out / "length.png")
-        _write_csv(files["length_csv"], LENGTH_COLUMNS, rows)
+        write_csv_atomic(files["length_csv"], LENGTH_COLUMNS, rows)
         plot_summary([{**r, "seq_len": r["test_len"], "d_model": f"T={r['seq_len']}, d={r['d_model']}"} for r in rows],
                      files["length_plot"], x_axis="seq_len", panel_title="trained at {value}",
                      title=f"{config['task']['task']}: length generalisation (mean ± std over seeds)")
@@ -142,16 +141,6 @@ def length_rows(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for L, acc in sorted(r["length_acc_mean"].items(), key=lambda kv: int(kv[0])):
             rows.append({**base, "test_len": int(L), "acc_mean": acc, "acc_std": r["length_acc_std"][L]})
     return rows
-
-
-def _write_csv(path: str, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(
-                {k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in row.items()}
-            )
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -70,6 +70,18 @@ def test_demo_lm_trains_and_evaluates(tmp_path, capsys, monkeypatch):
     assert (out / "run" / "latest").is_file() and (out / "run" / "loss.png").is_file()
 
 
+def test_loss_plot_zooms_on_the_runs_near_the_best_and_draws_runs_without_validation(tmp_path):
+    from mixerzoo.train.metrics import near_best, plot_runs
+
+    assert near_best({"a": 3.70, "b": 3.80, "c": 3.90, "d": 4.8}) == {"a", "b"}
+    assert near_best({"only": 2.0}) == {"only"} and near_best({}) == set()
+    train_only = [{"step": i, "loss": 5.0 - i} for i in range(1, 4)]
+    plot_runs({"x": train_only}, tmp_path / "train_only.png")
+    assert (tmp_path / "train_only.png").is_file()
+    plot_runs({"empty": []}, tmp_path / "nothing.png")  # nothing to draw: no file, no error
+    assert not (tmp_path / "nothing.png").exists()
+
+
 def test_compare_runs_writes_gaps_and_plot(tmp_path, capsys):
     def run(name, losses):
         d = tmp_path / name

@@ -88,35 +88,64 @@ def plot_loss(records: list[dict[str, Any]], out: str | Path, label: str | None 
     plot_runs({label or "": records}, out)
 
 
+def near_best(final: dict[str, float], within: float = 0.05) -> set[str]:
+    """The runs whose final loss is within ``within`` (relative) of the lowest one."""
+    if not final:
+        return set()
+    best = min(final.values())
+    return {label for label, v in final.items() if v <= best + within * abs(best)}
+
+
 def plot_runs(runs: dict[str, list[dict[str, Any]]], out: str | Path, title: str | None = None) -> None:
-    """Several runs' training (line) and validation (dots) losses on one plot, into a PNG."""
+    """Several runs' training (line) and validation (dots) losses on one plot, into a PNG.
+
+    With validation losses, a second panel shows, over the second half of training, those of
+    the runs that end within 5% of the best: mixers a few hundredths of a nat apart are
+    indistinguishable at the full scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    drawn = False
-    for i, (label, records) in enumerate(runs.items()):
-        colour = f"C{i}"
-        prefix = f"{label} " if label else ""
+    curves = []
+    for label, records in runs.items():
         train = [(r["step"], r["loss"]) for r in records if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-        if train:
-            ax.plot(*zip(*train), lw=1, color=colour, alpha=0.8, label=f"{prefix}train")
-        if val:
-            ax.plot(*zip(*val), "o--", ms=3, color=colour, label=f"{prefix}validation")
-        drawn = drawn or bool(train or val)
-    if not drawn:
-        plt.close(fig)
+        if train or val:
+            curves.append((label, train, val))
+    if not curves:
         return
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
+    colours = plt.get_cmap("tab20").colors if len(curves) > 10 else [f"C{i}" for i in range(10)]
+    has_val = any(val for _, _, val in curves)
+    fig, axes = plt.subplots(1, 2 if has_val else 1, figsize=(11 if has_val else 6.5, 4),
+                             layout="constrained", squeeze=False)
+    full = axes[0][0]
+    last = max(step for _, train, val in curves for step, _ in train + val)
+    close = near_best({label: val[-1][1] for label, _, val in curves if val})
+    for (label, train, val), colour in zip(curves, colours):
+        if train:
+            full.plot(*zip(*train), lw=1, color=colour, alpha=0.8)
+        if val:
+            full.plot(*zip(*val), "o--", ms=3, color=colour)
+            if label in close:
+                late = [(s, v) for s, v in val if s >= last / 2] or val[-1:]
+                axes[0][1].plot(*zip(*late), "o--", ms=3, color=colour)
+    full.set_xlabel("step")
+    full.set_ylabel("loss (nats / token)")
+    full.grid(alpha=0.3)
+    if has_val:
+        axes[0][1].set_xlabel("step")
+        axes[0][1].set_ylabel("validation loss (nats / token)")
+        axes[0][1].set_title("validation, second half: runs within 5% of the best", fontsize=9)
+        axes[0][1].grid(alpha=0.3)
     if title:
-        ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=10)
+    # one entry per run (its colour) and one per line style, not one per run and style
+    handles = [Line2D([], [], color=c, lw=2, label=label) for (label, _, _), c in zip(curves, colours) if label]
+    handles += [Line2D([], [], color="0.3", lw=1, label="train"),
+                Line2D([], [], color="0.3", ls="--", marker="o", ms=3, label="validation")]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
     tmp = Path(out).with_name(Path(out).stem + ".tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)

@@ -122,16 +122,28 @@ def reference(data, tmp_path_factory):
     return out
 
 
+def _torchrun(*train_args: str) -> str:
+    """``mixerzoo train`` in two gloo processes under torchrun; its console output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), "-m", "mixerzoo.cli", "train", *train_args]
+    proc = subprocess.run(cmd, env=_child_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
 @pytest.fixture(scope="module")
 def ddp_run(data, tmp_path_factory):
     """BASE run by two gloo processes under torchrun: (run folder, its console output)."""
     out = tmp_path_factory.mktemp("ddp") / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "-m", "mixerzoo.cli", "train",
-           *_flags({**data, **BASE}), "--out", str(out)]
-    proc = subprocess.run(cmd, env=_child_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return out, proc.stdout
+    return out, _torchrun(*_flags({**data, **BASE}), "--out", str(out))
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(data, tmp_path_factory):
+    """BASE run by two gloo processes with FSDP2: its run folder."""
+    out = tmp_path_factory.mktemp("fsdp2") / "run"
+    _torchrun(*_flags({**data, **BASE}), "--fsdp", "--out", str(out))
+    return out
 
 
 # --- 1. every mixer: train, save, reload through transformers --------------------------------
@@ -300,22 +312,51 @@ def test_fsdp_in_one_process_matches(data, reference, tmp_path, monkeypatch):
             assert p.shape == ref_sd[n].shape
 
 
-# --- 4. a 2-process checkpoint resumes in one process ----------------------------------------
+def test_two_process_fsdp_matches_single_process(fsdp_run, reference):
+    _assert_close_curves(_train_losses(fsdp_run), _train_losses(reference), "FSDP train loss")
+    got, ref = _val_losses(fsdp_run), _val_losses(reference)
+    _assert_close_curves({k: v[0] for k, v in got.items()}, {k: v[0] for k, v in ref.items()}, "FSDP val loss")
+    state = json.loads((fsdp_run / "checkpoints" / _latest(fsdp_run) / "trainer" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == BASE["steps"]
 
-def test_ddp_checkpoint_resumes_in_one_process(ddp_run, reference, tmp_path):
-    src, _ = ddp_run
-    run = tmp_path / "from_ddp"
+
+# --- 4. a 2-process checkpoint resumes in one process, and the other way round ----------------
+
+def _cut_to_step_4(src: Path, run: Path) -> Path:
+    """A copy of a finished BASE run as if it had been killed just after its step-4 checkpoint."""
     shutil.copytree(src, run)
-    # as if the run had been killed just after its step-4 checkpoint
     shutil.rmtree(run / "checkpoints" / "step_00000008")
     (run / "latest").write_text("step_00000004\n")
-    assert main(["train", "--resume", str(run)]) == 0
+    return run
+
+
+def _assert_resumed_like_reference(run: Path, reference: Path, world_size: int, what: str,
+                                   fsdp: bool = False) -> None:
     state = json.loads((run / "checkpoints" / "step_00000008" / "trainer" / "state.json").read_text())
-    assert state["world_size"] == 1 and state["step"] == 8
+    assert state["world_size"] == world_size and state["step"] == 8
+    assert bool(state["config"].get("fsdp")) == fsdp
     got, ref = _train_losses(run), _train_losses(reference)
     assert sorted(got) == list(range(1, 9))
-    _assert_close_curves({s: got[s] for s in range(5, 9)}, {s: ref[s] for s in range(5, 9)}, "resumed DDP loss")
+    _assert_close_curves({s: got[s] for s in range(5, 9)}, {s: ref[s] for s in range(5, 9)}, what)
     assert abs(_val_losses(run)[8][0] - _val_losses(reference)[8][0]) / _val_losses(reference)[8][0] < 1e-5
+
+
+def test_fsdp_checkpoint_resumes_in_one_process(fsdp_run, reference, tmp_path):
+    run = _cut_to_step_4(fsdp_run, tmp_path / "from_fsdp")
+    assert main(["train", "--resume", str(run), "--no-fsdp"]) == 0
+    _assert_resumed_like_reference(run, reference, 1, "FSDP run resumed in one process")
+
+
+def test_one_process_checkpoint_resumes_in_two_fsdp_processes(reference, tmp_path):
+    run = _cut_to_step_4(reference, tmp_path / "to_fsdp")
+    _torchrun("--resume", str(run), "--fsdp")
+    _assert_resumed_like_reference(run, reference, 2, "one-process run resumed with FSDP on two", fsdp=True)
+
+
+def test_ddp_checkpoint_resumes_in_one_process(ddp_run, reference, tmp_path):
+    run = _cut_to_step_4(ddp_run[0], tmp_path / "from_ddp")
+    assert main(["train", "--resume", str(run)]) == 0
+    _assert_resumed_like_reference(run, reference, 1, "resumed DDP loss")
 
 
 # --- 5. a save that fails leaves the previous checkpoint and 'latest' intact -----------------

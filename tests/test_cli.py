@@ -70,15 +70,25 @@ def test_demo_lm_trains_and_evaluates(tmp_path, capsys, monkeypatch):
     assert (out / "run" / "latest").is_file() and (out / "run" / "loss.png").is_file()
 
 
-def test_loss_plot_zooms_on_the_runs_near_the_best_and_draws_runs_without_validation(tmp_path):
+def test_loss_plot_zooms_on_the_runs_near_the_best_and_draws_every_run(tmp_path):
     from mixerzoo.train.metrics import near_best, plot_runs
 
     assert near_best({"a": 3.70, "b": 3.80, "c": 3.90, "d": 4.8}) == {"a", "b"}
+    assert near_best({"nan": float("nan"), "a": 2.0, "b": 2.2}) == {"a"}  # a diverged run is never best
     assert near_best({"only": 2.0}) == {"only"} and near_best({}) == set()
+
+    def run(final_val):
+        return [{"step": 1, "loss": 9.0}, {"step": 2, "loss": 8.0, "val_loss": final_val + 1},
+                {"step": 4, "loss": 5.0, "val_loss": final_val}]
+
+    # more runs than any qualitative colour map has colours: every one is still drawn
+    runs = {f"r{i}": run(3.0 + i / 10) for i in range(25)}
+    drawn = plot_runs(runs, tmp_path / "many.png")
+    assert drawn["all"] == list(runs) and drawn["near_best"] == ["r0", "r1"]
+    assert (tmp_path / "many.png").is_file()
     train_only = [{"step": i, "loss": 5.0 - i} for i in range(1, 4)]
-    plot_runs({"x": train_only}, tmp_path / "train_only.png")
-    assert (tmp_path / "train_only.png").is_file()
-    plot_runs({"empty": []}, tmp_path / "nothing.png")  # nothing to draw: no file, no error
+    assert plot_runs({"x": train_only}, tmp_path / "train_only.png") == {"all": ["x"], "near_best": []}
+    assert plot_runs({"empty": []}, tmp_path / "nothing.png")["all"] == []  # nothing to draw: no file
     assert not (tmp_path / "nothing.png").exists()
 
 

@@ -8,6 +8,7 @@ resumed run first drops the lines past its checkpoint, so the file reads as one 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -89,19 +90,23 @@ def plot_loss(records: list[dict[str, Any]], out: str | Path, label: str | None 
 
 
 def near_best(final: dict[str, float], within: float = 0.05) -> set[str]:
-    """The runs whose final loss is within ``within`` (relative) of the lowest one."""
-    if not final:
+    """The runs whose final loss is within ``within`` (relative) of the lowest one; a run whose
+    loss is not finite (a diverged run) is never near the best."""
+    finite = {label: v for label, v in final.items() if math.isfinite(v)}
+    if not finite:
         return set()
-    best = min(final.values())
-    return {label for label, v in final.items() if v <= best + within * abs(best)}
+    best = min(finite.values())
+    return {label for label, v in finite.items() if v <= best + within * abs(best)}
 
 
-def plot_runs(runs: dict[str, list[dict[str, Any]]], out: str | Path, title: str | None = None) -> None:
+def plot_runs(runs: dict[str, list[dict[str, Any]]], out: str | Path,
+              title: str | None = None) -> dict[str, list[str]]:
     """Several runs' training (line) and validation (dots) losses on one plot, into a PNG.
 
     With validation losses, a second panel shows, over the second half of training, those of
     the runs that end within 5% of the best: mixers a few hundredths of a nat apart are
-    indistinguishable at the full scale."""
+    indistinguishable at the full scale. Returns the labels drawn in each panel
+    (``{"all": [...], "near_best": [...]}``); nothing is written when no run has a loss."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,16 +119,25 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], out: str | Path, title: str
         val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
         if train or val:
             curves.append((label, train, val))
+    drawn: dict[str, list[str]] = {"all": [], "near_best": []}
     if not curves:
-        return
-    colours = plt.get_cmap("tab20").colors if len(curves) > 10 else [f"C{i}" for i in range(10)]
+        return drawn
+    n = len(curves)
+    if n <= 10:
+        colours = [f"C{i}" for i in range(n)]
+    elif n <= 20:
+        colours = list(plt.get_cmap("tab20").colors[:n])
+    else:  # distinct colours for any number of runs (a qualitative map would repeat)
+        colours = [plt.get_cmap("turbo")(x) for x in (i / (n - 1) for i in range(n))]
+    has_train = any(train for _, train, _ in curves)
     has_val = any(val for _, _, val in curves)
     fig, axes = plt.subplots(1, 2 if has_val else 1, figsize=(11 if has_val else 6.5, 4),
                              layout="constrained", squeeze=False)
     full = axes[0][0]
     last = max(step for _, train, val in curves for step, _ in train + val)
     close = near_best({label: val[-1][1] for label, _, val in curves if val})
-    for (label, train, val), colour in zip(curves, colours):
+    for (label, train, val), colour in zip(curves, colours, strict=True):
+        drawn["all"].append(label)
         if train:
             full.plot(*zip(*train), lw=1, color=colour, alpha=0.8)
         if val:
@@ -131,6 +145,7 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], out: str | Path, title: str
             if label in close:
                 late = [(s, v) for s, v in val if s >= last / 2] or val[-1:]
                 axes[0][1].plot(*zip(*late), "o--", ms=3, color=colour)
+                drawn["near_best"].append(label)
     full.set_xlabel("step")
     full.set_ylabel("loss (nats / token)")
     full.grid(alpha=0.3)
@@ -143,13 +158,16 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], out: str | Path, title: str
         fig.suptitle(title, fontsize=10)
     # one entry per run (its colour) and one per line style, not one per run and style
     handles = [Line2D([], [], color=c, lw=2, label=label) for (label, _, _), c in zip(curves, colours) if label]
-    handles += [Line2D([], [], color="0.3", lw=1, label="train"),
-                Line2D([], [], color="0.3", ls="--", marker="o", ms=3, label="validation")]
+    if has_train:
+        handles.append(Line2D([], [], color="0.3", lw=1, label="train"))
+    if has_val:
+        handles.append(Line2D([], [], color="0.3", ls="--", marker="o", ms=3, label="validation"))
     fig.legend(handles=handles, loc="outside right upper", fontsize=8)
     tmp = Path(out).with_name(Path(out).stem + ".tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, out)
+    return drawn
 
 
 def compare_runs(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

@@ -55,3 +55,23 @@ def test_runs_evaluates_summarises_and_resumes(tmp_path):
     assert "nosuchmixer seed 0: training failed" in third and "softmax seed 0: finished earlier" in third
     assert "linear seed 0: error: " in third
     assert "failed runs: nosuchmixer/s0 linear/s0" in third
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_compare_gpu_reports_a_failed_part_and_still_runs_the_others(tmp_path):
+    # python3 replaced by a stub that records its arguments and fails only for the mqar sweep
+    stub = tmp_path / "bin" / "python3"
+    stub.parent.mkdir()
+    out = tmp_path / "out"
+    stub.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n'
+                    f'for a in "$@"; do [ "$a" = "{out}/mqar" ] && exit 3; done\nexit 0\n')
+    stub.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    env = {**os.environ, "CALLS": str(calls), "PATH": f"{stub.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    script = SCRIPT.with_name("compare_gpu.sh")
+    proc = subprocess.run(["bash", str(script), "data", "tok", str(out)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "mqar: exit 3" in proc.stdout and "some parts failed" in proc.stdout
+    for name in ("mqar-width", "selective-copy", "length-generalisation"):
+        assert f"{name}: exit 0" in proc.stdout and f"--out {out}/{name}" in calls.read_text()

@@ -317,7 +317,7 @@ def test_two_process_fsdp_matches_single_process(fsdp_run, reference):
     got, ref = _val_losses(fsdp_run), _val_losses(reference)
     _assert_close_curves({k: v[0] for k, v in got.items()}, {k: v[0] for k, v in ref.items()}, "FSDP val loss")
     state = json.loads((fsdp_run / "checkpoints" / _latest(fsdp_run) / "trainer" / "state.json").read_text())
-    assert state["world_size"] == 2 and state["step"] == BASE["steps"]
+    assert state["world_size"] == 2 and state["step"] == BASE["steps"] and state["config"]["fsdp"]
 
 
 # --- 4. a 2-process checkpoint resumes in one process, and the other way round ----------------

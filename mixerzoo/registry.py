@@ -20,7 +20,10 @@ from typing import Any
 import yaml
 
 ENTRY_POINT_GROUP = "mixerzoo.mixers"
-_ENTRY_KEYS = {"class", "options", "summary", "reference"}
+_ENTRY_KEYS = {"class", "options", "summary", "reference", "init"}
+# The initialisation rules an entry may name (``init:``), each the rule of one reference
+# implementation; mixerzoo.models.init carries them out.
+INIT_RULES = ("llama", "fla", "mamba_ssm", "fla_log_linear_mamba2")
 
 
 class RegistryError(ValueError):
@@ -37,6 +40,9 @@ class MixerSpec:
     summary: str = ""
     reference: str = ""
     source: str = "builtin"
+    # the initialisation rule of the implementation this mixer reproduces (models/init.py);
+    # None keeps whatever the constructor gives
+    init: str | None = None
 
     @property
     def class_path(self) -> str:
@@ -97,7 +103,22 @@ def _spec_from_entry(name: str, entry: Any, source: str) -> MixerSpec:
         summary=str(entry.get("summary", "")),
         reference=str(entry.get("reference", "")),
         source=source,
+        init=_init_rule(entry.get("init"), f"{source}: entry {name!r}"),
     )
+
+
+def check_init_rule(value: Any, where: str) -> str | None:
+    """A registry entry's ``init``: None (the constructor's init stands) or one of INIT_RULES."""
+    if value is not None and value not in INIT_RULES:
+        raise ValueError(f"{where}: init rule must be one of {list(INIT_RULES)} or None, got {value!r}")
+    return value
+
+
+def _init_rule(value: Any, where: str) -> str | None:
+    try:
+        return check_init_rule(value, where)
+    except ValueError as e:
+        raise RegistryError(str(e)) from None
 
 
 def read_registry_file(path: str | os.PathLike) -> list[MixerSpec]:
@@ -274,10 +295,15 @@ def register_mixer(
     *,
     summary: str = "",
     reference: str = "",
+    init: str | None = None,
     overwrite: bool = False,
     **options: Any,
 ) -> MixerSpec:
-    """Add a mixer: ``cls`` is a class or ``"module:Class"``; ``options`` go to its constructor."""
+    """Add a mixer: ``cls`` is a class or ``"module:Class"``; ``options`` go to its constructor.
+
+    ``init`` names the initialisation rule of the implementation the mixer reproduces (one of
+    ``mixerzoo.models.init.INIT_RULES``); None keeps what its constructor gives.
+    """
     if not isinstance(name, str) or not name.strip():
         raise RegistryError(f"register_mixer: the name must be a non-empty string, got {name!r}")
     if isinstance(cls, str):
@@ -288,7 +314,8 @@ def register_mixer(
     elif not _is_module_class(cls):
         raise RegistryError(f"register_mixer({name!r}): {cls.__qualname__} is not a torch.nn.Module subclass; "
                             f"a mixer is an nn.Module mapping [B, T, d_model] to [B, T, d_model]")
-    spec = MixerSpec(name, cls, dict(options), summary, reference, source="register_mixer")
+    spec = MixerSpec(name, cls, dict(options), summary, reference, source="register_mixer",
+                     init=_init_rule(init, f"register_mixer({name!r})"))
     REGISTRY.add(spec, overwrite=overwrite)
     return spec
 

@@ -17,6 +17,7 @@ from ..registry import (
     resolve_mixer_class,
 )
 from .config import MixerZooConfig, check_int
+from .init import check_init
 from .sizes import (
     construct_on_meta,
     get_size,
@@ -36,6 +37,7 @@ class LayerPlan:
     class_path: str
     options: dict[str, Any]
     params: int
+    init: str | None = None
 
 
 def _int_options(cls: type) -> dict[str, bool]:
@@ -105,7 +107,8 @@ def _plan_layers(
         options = size_defaults(cls, preset, {**spec.options, **(mixer_options or {})})
         check_options(name, cls, options)
         check_option_types(name, cls, options)
-        plans.append(LayerPlan(name, spec.class_path, options, mixer_param_count(cls, d_model, i, options, name)))
+        plans.append(LayerPlan(name, spec.class_path, options, mixer_param_count(cls, d_model, i, options, name),
+                               spec.init))
     return plans
 
 
@@ -128,6 +131,7 @@ def build_config(
     match_params: bool = True,
     tie_embeddings: bool = True,
     embedding_init_std: float | None = None,
+    init: str = "reference",
 ) -> MixerZooConfig:
     """The config ``build_model`` would build (see there); cheap, allocates no weights."""
     if not isinstance(size, str):
@@ -142,6 +146,7 @@ def build_config(
     # All options are checked before anything is planned, so that an explicit 0 can never fall
     # through to a default (as `value or DEFAULT` would let it).
     d, n = _dims(size, d_model, n_layers)
+    check_init(init)
     check_int("vocab_size", vocab_size, optional=True)
     check_int("mlp_hidden", mlp_hidden, optional=True)
     for flag, value in (("match_params", match_params), ("tie_embeddings", tie_embeddings)):
@@ -166,13 +171,14 @@ def build_config(
         else:
             mlp_hidden = softmax_mlp_width(d)
     return MixerZooConfig(
-        layers=[{"mixer": p.name, "class": p.class_path, "options": p.options} for p in plans],
+        layers=[{"mixer": p.name, "class": p.class_path, "options": p.options, "init": p.init} for p in plans],
         d_model=d,
         vocab_size=DEFAULT_VOCAB if vocab_size is None else vocab_size,
         mlp_hidden=mlp_hidden,
         tie_embeddings=tie_embeddings,
         embedding_init_std=embedding_init_std,
         size=size,
+        init=init,
     )
 
 
@@ -183,7 +189,8 @@ def build_model(name: str | Sequence[str], size: str = "tiny", **kwargs: Any):
     size's width / depth; the parameter target follows them), ``mixer_options`` (passed to
     every mixer), ``mlp_hidden`` (skip matching), ``match_params`` (default True),
     ``tie_embeddings`` (default True), ``embedding_init_std`` (default: 0.02, the
-    initializer range).
+    initializer range), ``init`` (default ``"reference"``: every layer starts as the
+    implementation its mixer reproduces; or one rule of :mod:`mixerzoo.models.init` for all).
 
     >>> model = build_model("loglinear_adaptive", size="350m")   # doctest: +SKIP
     """

@@ -6,6 +6,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from .init import check_init, check_rule
+
 # Fields without which a saved config cannot describe the model it came from: the constructor's
 # defaults for them exist for code that builds a config by hand, never for filling a file's gaps.
 REQUIRED_FIELDS = ("layers", "d_model", "vocab_size", "mlp_hidden")
@@ -41,14 +43,17 @@ def check_layers(layers: Any, where: str = "") -> None:
                 raise ValueError(f"{prefix}layers[{i}] needs a non-empty string {key!r}, got {layer.get(key)!r}")
         if not isinstance(layer.get("options", {}) or {}, dict):
             raise ValueError(f"{prefix}layers[{i}]['options'] must be a mapping, got {layer['options']!r}")
+        check_rule(layer.get("init"), f"{prefix}layers[{i}]")
 
 
 class MixerZooConfig(PretrainedConfig):
     """Configuration of a mixerzoo causal LM.
 
     ``layers`` holds one entry per layer, ``{"mixer": name, "class": "module:Class",
-    "options": {...}}``, so that hybrids are a list rather than side channels and a saved model
-    can be rebuilt from its class paths even where the registry name is unknown.
+    "options": {...}, "init": rule}``, so that hybrids are a list rather than side channels and
+    a saved model can be rebuilt from its class paths even where the registry name is unknown.
+    ``init`` says how a fresh model is initialised: ``"reference"`` (each layer by the rule of
+    the implementation it reproduces) or one rule for all (:mod:`mixerzoo.models.init`).
     """
 
     model_type = "mixerzoo"
@@ -64,6 +69,7 @@ class MixerZooConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         embedding_init_std: float | None = None,
         size: str | None = None,
+        init: str = "reference",
         **kwargs: Any,
     ):
         self.layers = [dict(layer) for layer in (layers or [])]
@@ -77,6 +83,7 @@ class MixerZooConfig(PretrainedConfig):
         # identities that stand out in the residual stream (std 1, untied head) — see evals.
         self.embedding_init_std = embedding_init_std
         self.size = size
+        self.init = check_init(init)
         # transformers reads these generic names (generation, device maps, lm-eval).
         kwargs.setdefault("hidden_size", d_model)
         kwargs.setdefault("num_hidden_layers", len(self.layers))

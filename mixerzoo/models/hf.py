@@ -92,21 +92,22 @@ class MixerZooForCausalLM(PreTrainedModel):
         self.gradient_checkpointing = bool(enabled)
 
     # --- weights -------------------------------------------------------------------------
+    def initialize_weights(self) -> None:
+        """The reference initialisation of ``config.init`` (see :mod:`mixerzoo.models.init`).
+
+        transformers calls this once after construction and again after loading a checkpoint,
+        when the loaded tensors are flagged and left alone. It replaces transformers'
+        per-module walk, which skips modules without parameters of their own (the SwiGLU MLP,
+        the attention block) in models defined outside transformers.
+        """
+        from .init import init_model
+
+        init_model(self)
+
     def _init_weights(self, module: nn.Module) -> None:
-        # Only the backbone's own modules: each mixer initialises itself (Mamba-2's dt and A,
-        # the λ MLP's zero output layer) and must not be overwritten here.
-        std = self.config.initializer_range
-        if module is self.embed:
-            emb_std = self.config.embedding_init_std
-            nn.init.normal_(module.weight, std=std if emb_std is None else emb_std)
-        elif module is self.lm_head:
-            nn.init.normal_(module.weight, std=std)
-        elif isinstance(module, SwiGLU):
-            nn.init.normal_(module.gate_up.weight, std=std)
-            # GPT-2's residual scaling: each block adds to the stream twice.
-            nn.init.normal_(module.down.weight, std=std / math.sqrt(2 * len(self.config.layers)))
-        elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
+        # transformers' hook for single new modules (e.g. resize_token_embeddings)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed

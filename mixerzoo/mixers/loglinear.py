@@ -1,19 +1,26 @@
 """Log-linear Mamba-2: the Mamba-2 block with SSD replaced by log-linear attention.
 
 The sequence op is ``log_linear_attn(q=C, k=B, v=x·dt, g=A·dt, λ)`` plus the ``D·x`` skip;
-everything else (in_proj, short conv, gated RMSNorm, out_proj, initialisation) is
+everything else (in_proj, short conv, gated RMSNorm, out_proj) is
 :class:`~mixerzoo.mixers.mamba2.Mamba2`'s. λ weighs the Fenwick levels of the past per head
 (and, except in ``fixed`` mode, per token):
 
 - ``fixed``: ``λ[h, ℓ] = softplus(θ[h, ℓ])``, θ initialised to softplus⁻¹(1); passed to the op
   as a ``[1, 1, H, L]`` broadcast, never materialised.
-- ``linear`` (Guo et al. 2025): ``λ = softplus(L[h, ℓ] · dl_t[h, ℓ])`` with ``dl`` an extra
-  ``H · L`` slice of in_proj and ``L`` initialised to ones. This mode does *not* start at
-  λ ≡ 1: ``softplus(dl)`` with a random in_proj slice, as in the original.
-- ``mlp``: ``λ = softplus(W2 · act(W1 u_t + b1) + b2)`` on the block input ``u_t``, with
-  ``W2 = 0`` and ``b2 = softplus⁻¹(1)`` at init, so the block starts as Mamba-2 exactly.
-- ``mlp_softmax`` (ablation): ``λ = L · softmax_ℓ(same MLP output)``. At init the logits are
-  equal, the softmax is ``1/L`` per level and the factor ``L`` makes λ ≡ 1 again.
+- ``linear`` (Guo et al. 2025; fla's ``LogLinearMamba2``): ``λ = softplus(L[h, ℓ] · dl_t[h, ℓ])``
+  with ``dl`` an extra ``H · L`` slice of in_proj and ``L`` initialised to ones. This mode does
+  *not* start at λ ≡ 1: ``softplus(dl)`` with a random in_proj slice, as in the original.
+- ``mlp`` with ``lambda_input="dl"`` (the adaptive-λ paper's ``LambdaMLPSoftplus``,
+  hattention/lambda_mlp.py): the same ``dl`` slice, per head, through one MLP shared by all
+  heads, ``λ = softplus(W2 · gelu(W1 dl_t[h] + b1) + b2)``, ``L → lambda_hidden → L``; W1
+  xavier-uniform, b1 = 0, W2 = 0, b2 = 0.54 (the paper's constant, softplus(0.54) = 0.9993), so
+  λ ≈ 1 at init.
+- ``mlp`` with ``lambda_input="x"`` (mixerzoo's variant): the MLP reads the block input u_t,
+  ``λ = softplus(W2 · act(W1 u_t + b1) + b2)``, ``d_model → lambda_hidden → H·L``, with
+  ``W2 = 0`` and ``b2 = softplus⁻¹(1)``, so the block starts as Mamba-2 exactly.
+- ``mlp_softmax`` (ablation): with ``"dl"`` the paper's ``LambdaMLPSoftmax`` (softmax over the
+  levels, b2 = 0, so λ = 1/L at init); with ``"x"`` ``λ = L · softmax_ℓ(...)``, which starts at
+  λ ≡ 1.
 
 λ has ``max_levels`` levels; longer sequences reuse the top level's λ (the op does that).
 """
@@ -34,15 +41,24 @@ from mixerzoo.ops.fused import fused_enabled
 from mixerzoo.ops.loglinear import log_linear_attn, log_linear_step, resolve_backend
 
 LAMBDA_MODES = ("fixed", "linear", "mlp", "mlp_softmax")
+LAMBDA_INPUTS = ("dl", "x")
 LAMBDA_ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh}
+# each λ input's MLP activation as its source has it: GELU in the paper, SiLU in our variant
+DEFAULT_ACT = {"dl": "gelu", "x": "silu"}
 SOFTPLUS_INV_ONE = math.log(math.e - 1.0)  # softplus(x) = 1
+PAPER_B2 = 0.54  # LambdaMLPSoftplus's output bias (hattention/lambda_mlp.py), ≈ softplus⁻¹(1)
 
 
 class LogLinearMamba2(Mamba2):
     """Mamba-2 block whose sequence op is log-linear attention with a learned λ.
 
-    Takes every :class:`Mamba2` option plus ``lambda_mode``, ``lambda_hidden`` (MLP width),
-    ``max_levels`` (λ table size L) and ``lambda_act`` (MLP activation). Backends:
+    Takes every :class:`Mamba2` option plus ``lambda_mode``, ``lambda_input`` (what the MLP
+    modes read: ``"dl"``, the per-head λ-logits from in_proj as in the adaptive-λ paper, or
+    ``"x"``, the block input), ``lambda_hidden`` (MLP width), ``max_levels`` (λ table size L)
+    and ``lambda_act`` (MLP activation; default GELU for ``"dl"``, SiLU for ``"x"``). The
+    constructor's default input stays ``"x"`` so that configs saved before ``lambda_input``
+    existed rebuild the model they describe; the registry's ``loglinear_adaptive`` names
+    ``"dl"``. Backends:
     ``"auto"``, ``"triton"``, ``"torch"``, ``"naive"``, forwarded to ``log_linear_attn``.
     Decoding state: the conv state and a ``LogLinearState`` (None before the first token).
     """
@@ -53,13 +69,17 @@ class LogLinearMamba2(Mamba2):
         *,
         layer_idx: int = 0,
         lambda_mode: str = "mlp",
+        lambda_input: str = "x",
         lambda_hidden: int = 64,
         max_levels: int = 15,
-        lambda_act: str = "silu",
+        lambda_act: str | None = None,
         **mamba2_options: Any,
     ):
         if lambda_mode not in LAMBDA_MODES:
             raise ValueError(f"lambda_mode={lambda_mode!r} is not one of {LAMBDA_MODES}")
+        if lambda_input not in LAMBDA_INPUTS:
+            raise ValueError(f"lambda_input={lambda_input!r} is not one of {LAMBDA_INPUTS}")
+        lambda_act = DEFAULT_ACT[lambda_input] if lambda_act is None else lambda_act
         if not isinstance(max_levels, int) or max_levels < 1:
             raise ValueError(f"max_levels must be a positive integer, got {max_levels!r}")
         if not isinstance(lambda_hidden, int) or lambda_hidden < 1:
@@ -68,6 +88,7 @@ class LogLinearMamba2(Mamba2):
             raise ValueError(f"lambda_act={lambda_act!r} is not one of {sorted(LAMBDA_ACTS)}")
         super().__init__(d_model, layer_idx=layer_idx, **mamba2_options)
         self.lambda_mode = lambda_mode
+        self.lambda_input = lambda_input
         self.max_levels = max_levels
         self.lambda_hidden = lambda_hidden
         self.lambda_act = lambda_act
@@ -79,6 +100,16 @@ class LogLinearMamba2(Mamba2):
             self._widen_in_proj(H * L)
             self.lambda_L = nn.Parameter(torch.ones(H, L))
             lambda_params = [self.lambda_L]
+        elif lambda_input == "dl":
+            self._widen_in_proj(H * L)
+            self.lambda_fc1 = nn.Linear(L, lambda_hidden)
+            self.lambda_fc2 = nn.Linear(lambda_hidden, L)
+            with torch.no_grad():
+                nn.init.xavier_uniform_(self.lambda_fc1.weight)
+                self.lambda_fc1.bias.zero_()
+                self.lambda_fc2.weight.zero_()
+                self.lambda_fc2.bias.fill_(PAPER_B2 if lambda_mode == "mlp" else 0.0)
+            lambda_params = [self.lambda_fc2.weight, self.lambda_fc2.bias]
         else:
             self.lambda_fc1 = nn.Linear(d_model, lambda_hidden)
             self.lambda_fc2 = nn.Linear(lambda_hidden, H * L)
@@ -86,16 +117,24 @@ class LogLinearMamba2(Mamba2):
                 self.lambda_fc2.weight.zero_()
                 self.lambda_fc2.bias.fill_(SOFTPLUS_INV_ONE)
             lambda_params = [self.lambda_fc2.weight, self.lambda_fc2.bias]
+        if lambda_mode in ("mlp", "mlp_softmax"):
+            # the output bias sets λ at init; a model-level rule that zeroes Linear biases
+            # (mamba-ssm's) must keep it, as mamba-ssm keeps biases marked so
+            self.lambda_fc2.bias._no_reinit = True
         # λ is a gate like A_log / D / dt_bias: decaying it towards 0 would silence levels.
         for p in lambda_params:
             p._no_weight_decay = True
 
+    @property
+    def _reads_input(self) -> bool:
+        return self.lambda_mode in ("mlp", "mlp_softmax") and self.lambda_input == "x"
+
     def _aux_projections(self, u: torch.Tensor) -> list[torch.Tensor]:
-        # the λ MLP's first layer reads the block input: it is fused with in_proj when it can be
-        return [F.linear(u, self.lambda_fc1.weight)] if self.lambda_mode in ("mlp", "mlp_softmax") else []
+        # the x-input λ MLP's first layer reads the block input: it is fused with in_proj when it can be
+        return [F.linear(u, self.lambda_fc1.weight)] if self._reads_input else []
 
     def _aux_weights(self) -> list[torch.Tensor]:
-        return [self.lambda_fc1.weight] if self.lambda_mode in ("mlp", "mlp_softmax") else []
+        return [self.lambda_fc1.weight] if self._reads_input else []
 
     def _lambda(self, u: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
         """λ from the block input u ``[..., d_model]`` and the in_proj extra ``[..., H·L]``.
@@ -108,8 +147,8 @@ class LogLinearMamba2(Mamba2):
         return self._lambda_from(self._aux_projections(u), extra, u.dim() - 1)
 
     def _lambda_from(self, aux: list[torch.Tensor], extra: torch.Tensor | None, n_lead: int) -> torch.Tensor:
-        """:meth:`_lambda` from the projections of the input (``aux[0]``: the λ MLP's first
-        layer before its bias) and ``n_lead`` leading dims."""
+        """:meth:`_lambda` from the projections of the input (``aux[0]``: the x-input λ MLP's
+        first layer before its bias), the in_proj extra and ``n_lead`` leading dims."""
         H, L = self.nheads, self.max_levels
         if self.lambda_mode == "fixed":
             lam = F.softplus(self.lambda_theta.float())
@@ -117,14 +156,22 @@ class LogLinearMamba2(Mamba2):
         if self.lambda_mode == "linear":
             dl = rearrange(extra.float(), "... (h l) -> ... h l", l=L)
             return F.softplus(self.lambda_L.float() * dl)
-        pre = aux[0]
-        hidden = LAMBDA_ACTS[self.lambda_act](pre + self.lambda_fc1.bias.to(pre.dtype))
-        logits = rearrange(self.lambda_fc2(hidden), "... (h l) -> ... h l", l=L)
+        act = LAMBDA_ACTS[self.lambda_act]
+        if self.lambda_input == "dl":
+            # one MLP over the L λ-logits of each head, shared by the heads
+            dl = rearrange(extra, "... (h l) -> ... h l", l=L)
+            logits = self.lambda_fc2(act(self.lambda_fc1(dl)))
+        else:
+            pre = aux[0]
+            hidden = act(pre + self.lambda_fc1.bias.to(pre.dtype))
+            logits = rearrange(self.lambda_fc2(hidden), "... (h l) -> ... h l", l=L)
         if self.lambda_mode == "mlp" and fused_enabled():
             return pointwise.softplus(logits)
         logits = logits.float()
         if self.lambda_mode == "mlp":
             return F.softplus(logits)
+        if self.lambda_input == "dl":
+            return torch.softmax(logits, dim=-1)  # LambdaMLPSoftmax: the levels share a unit
         return L * torch.softmax(logits, dim=-1)
 
     def _sequence(self, aux, x, dt, A, B, C, extra, state, want_state):

@@ -111,6 +111,24 @@ def load_mamba_chunk_scan_combined() -> Callable:
     return module.mamba_chunk_scan_combined
 
 
+@_once
+def load_mamba_lm_head_model() -> Callable:
+    """mamba-ssm's ``MambaLMHeadModel`` class (mamba_ssm/models/mixer_seq_simple.py), the
+    reference LM of the Mamba-2 family; the same import workaround as the SSD kernel."""
+    registered = _register_missing_selective_scan_cuda()
+    try:
+        module = importlib.import_module("mamba_ssm.models.mixer_seq_simple")
+    except Exception as exc:
+        if registered:
+            sys.modules.pop("selective_scan_cuda", None)
+        raise ImportError(
+            "mamba-ssm's MambaLMHeadModel is not importable "
+            f"({type(exc).__name__}: {exc}); install it with "
+            "`MAMBA_SKIP_CUDA_BUILD=TRUE pip install mamba-ssm --no-build-isolation`"
+        ) from exc
+    return module.MambaLMHeadModel
+
+
 def optional(loader: Callable[[], Callable]) -> Callable | None:
     """The kernel from ``loader``, or None when it cannot be imported (for ``backend="auto"``).
 

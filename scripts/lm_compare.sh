@@ -8,7 +8,8 @@
 # options to every new run (e.g. TRAIN_ARGS="--keep-checkpoints 1"; a resumed run keeps its saved
 # options), EVAL_ARGS `mixerzoo eval` options (e.g. EVAL_ARGS="--limit 50" for a quick look:
 # lm-eval results once written are kept, so delete OUT/eval_* before the full evaluation);
-# SUMMARY=0 skips the closing plot and table (for several copies writing into one OUT).
+# SUMMARY=0 skips the closing plot and table (for several copies writing into one OUT); EVAL=0
+# skips lm-eval.
 # Finished runs are kept: a rerun skips runs whose metrics reached STEPS, resumes the others from
 # their last checkpoint (the same batches), evaluates those without lm-eval results, and goes on
 # past a failed run (listed at the end, exit status 1).
@@ -58,7 +59,7 @@ PY
       resume) echo "== $m seed $seed: resuming"; python3 -m mixerzoo.cli train --resume "$run" ;;
       *) echo "== $m seed $seed"; python3 -m mixerzoo.cli train --mixer "$m" --seed "$seed" "${COMMON[@]}" ${EXTRA[@]+"${EXTRA[@]}"} --out "$run" ;;
     esac || { echo "== $m seed $seed: training failed (see above); going on"; failed+=("$m/s$seed"); continue; }
-    if [ -z "$(find "$OUT/eval_${m}_s$seed" -name 'results_*.json' -print -quit 2>/dev/null)" ]; then
+    if [ "${EVAL:-1}" != 0 ] && [ -z "$(find "$OUT/eval_${m}_s$seed" -name 'results_*.json' -print -quit 2>/dev/null)" ]; then
       python3 -m mixerzoo.cli eval --model "$run" --tasks mixerzoo_offline --batch_size 8 \
         --output_path "$OUT/eval_${m}_s$seed" ${EVAL_EXTRA[@]+"${EVAL_EXTRA[@]}"} || echo "lm-eval exited non-zero for $m (see above)"
     fi

@@ -15,15 +15,20 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "lm_compare.sh"
 pytest.importorskip("lm_eval")
 
 
+def _script_env(**extra: str) -> dict[str, str]:
+    """The environment the scripts run in: this venv's python3 first, no GPU, no hub."""
+    bindir = Path(sys.executable).parent
+    return {**os.environ, "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+            "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_runs_evaluates_summarises_and_resumes(tmp_path):
     from mixerzoo.tasks.toy_text import write_corpus
 
     corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=3000)
     out = tmp_path / "lm"
-    bindir = Path(sys.executable).parent
-    env = {**os.environ, "MIXERS": "softmax", "EVAL_ARGS": "--limit 4", "HF_DATASETS_OFFLINE": "1",
-           "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", "CUDA_VISIBLE_DEVICES": ""}
+    env = _script_env(MIXERS="softmax", EVAL_ARGS="--limit 4")
 
     def run(rc: int = 0, **extra: str) -> str:
         proc = subprocess.run(["bash", str(SCRIPT), str(corpus), "byte", str(out), "2", "tiny", "1"],
@@ -75,3 +80,28 @@ def test_compare_gpu_reports_a_failed_part_and_still_runs_the_others(tmp_path):
     assert "mqar: exit 3" in proc.stdout and "some parts failed" in proc.stdout
     for name in ("mqar-width", "selective-copy", "length-generalisation"):
         assert f"{name}: exit 0" in proc.stdout and f"--out {out}/{name}" in calls.read_text()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_sweep_trains_every_rate_then_seeds_at_the_best(tmp_path):
+    from mixerzoo.tasks.toy_text import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=1000)
+    out = tmp_path / "sweep"
+    env = _script_env(MIXERS="softmax", LRS="1e-3 3e-2", EVAL="0")
+    script = SCRIPT.with_name("lm_sweep.sh")
+    proc = subprocess.run(["bash", str(script), str(corpus), "byte", str(out), "2", "tiny", "2"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    body = json.loads((out / "sweep.json").read_text())
+    best = body["best_lr"]["softmax"]
+    assert best in (1e-3, 3e-2)
+    assert (out / "lr1e-3" / "softmax_s0").is_dir() and (out / "lr3e-2" / "softmax_s0").is_dir()
+    at_best = sorted(p.parent.name + "/" + p.name for p in out.glob("lr*/softmax_s1"))
+    assert at_best == [f"lr{'1e-3' if best == 1e-3 else '3e-2'}/softmax_s1"]
+    (entry,) = body["mixers"]
+    assert entry["seeds"] == [0, 1]
+    assert (out / "compare" / "compare.png").is_file() and "best lr" in (out / "sweep.md").read_text()
+    # a single cache of tokens serves every rate; EVAL=0 left lm-eval out
+    assert not (out / "lr1e-3" / "cache").exists() and (out / "cache").is_dir()
+    assert not list(out.glob("lr*/eval_*"))

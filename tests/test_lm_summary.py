@@ -80,3 +80,34 @@ def test_a_folder_without_runs_is_refused(tmp_path):
         write_summary(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a folder"):
         collect_runs(tmp_path / "missing")
+
+
+def test_learning_rate_sweep_picks_each_mixers_best_rate(tmp_path, capsys):
+    from mixerzoo.evals.lm_summary import best_lrs, collect_sweep, write_sweep
+
+    def run(lr, mixer, seed, val_bpb, steps=10):
+        _run(tmp_path / f"lr{lr}", mixer, seed, steps, 10, val_bpb)
+        cfg = tmp_path / f"lr{lr}" / f"{mixer}_s{seed}" / "train_config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "lr": float(lr)}))
+
+    run("3e-4", "softmax", 0, 1.6)
+    run("1e-3", "softmax", 0, 1.4)
+    run("1e-3", "softmax", 1, 1.5)
+    run("3e-3", "softmax", 0, float("nan"))  # diverged: never the best
+    run("3e-4", "mamba2", 0, 1.3)
+    run("1e-3", "mamba2", 0, 1.35)
+    run("3e-3", "mamba2", 0, 1.2, steps=4)  # unfinished at one rate: mamba2 is not ready
+    sweep = collect_sweep(tmp_path)
+    assert sorted(sweep) == [3e-4, 1e-3, 3e-3]
+    assert best_lrs(sweep) == {"softmax": 1e-3, "mamba2": None}
+    assert main([str(tmp_path), "--best-lrs"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "softmax 1e-3\n" and "mamba2: the sweep has no finished" in captured.err
+    paths = write_sweep(tmp_path)
+    md = paths["md"].read_text()
+    assert "| `softmax` | 4.8000 | 4.2000 | diverged | 0.001 |" in md
+    assert "| `mamba2` | 3.9000 | 4.0500 | 3.6000 (unfinished) | – |" in md, md
+    body = json.loads(paths["json"].read_text())
+    (entry,) = body["mixers"]
+    assert entry["mixer"] == "softmax" and entry["seeds"] == [0, 1]
+    assert math.isclose(entry["final_val_bpb_mean"], 1.45)

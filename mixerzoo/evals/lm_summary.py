@@ -6,14 +6,23 @@ Reads what ``scripts/lm_compare.sh`` leaves in its output folder: ``{mixer}_s{se
 step count is listed as unfinished and left out of the means, so a table never mixes budgets.
 
     python -m mixerzoo.evals.lm_summary results/lm_compare     # summary.{json,csv,md}
+
+A learning-rate sweep (``scripts/lm_sweep.sh``) keeps one such folder per learning rate,
+``OUT/lr{lr}/``: ``--best-lrs`` prints each mixer's best learning rate (lowest final
+validation loss of its seed-0 runs, once every swept rate has one), and ``--sweep`` writes
+OUT/sweep.{json,csv,md}: the sweep per mixer and the seeds at its best rate.
+
+    python -m mixerzoo.evals.lm_summary results/sweep --sweep
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +31,7 @@ from mixerzoo.train.config import saved_split_seed
 from mixerzoo.train.metrics import compare_runs, read_metrics
 
 _RUN = re.compile(r"^(?P<mixer>.+)_s(?P<seed>\d+)$")
+_LR_DIR = re.compile(r"^lr(?P<lr>[0-9.eE+-]+)$")
 # lm-eval's metric keys are "name,filter"; stderr entries are reported beside, not averaged
 _SKIP = ("_stderr", "alias", "samples")
 
@@ -60,6 +70,7 @@ def collect_runs(out_dir: str | Path) -> list[dict[str, Any]]:
         target = config.get("steps")
         row = compare_runs({run.name: records})["runs"][run.name]
         rows.append({"mixer": m["mixer"], "seed": int(m["seed"]), "run": run.name, "target_steps": target,
+                     "lr": config.get("lr"),
                      "split_seed": saved_split_seed(config) if config else None,
                      "finished": target is not None and row["steps"] >= target, **row,
                      **lm_eval_metrics(out_dir / f"eval_{run.name}")})
@@ -127,11 +138,104 @@ def write_summary(out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
+def sweep_folders(out_dir: str | Path) -> dict[float, Path]:
+    """``{lr: folder}`` for the ``lr{lr}/`` folders of a sweep."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"{out_dir} is not a folder (give the OUT of scripts/lm_sweep.sh)")
+    found = {}
+    for sub in sorted(out_dir.iterdir()):
+        m = _LR_DIR.match(sub.name)
+        if sub.is_dir() and m:
+            try:
+                found[float(m["lr"])] = sub
+            except ValueError:
+                continue  # a folder named like lr-x is not a rate
+    return found
+
+
+def collect_sweep(out_dir: str | Path) -> dict[float, list[dict[str, Any]]]:
+    """``{lr: runs}`` from the ``lr{lr}/`` folders of a sweep (see :func:`collect_runs`)."""
+    return {lr: collect_runs(folder) for lr, folder in sweep_folders(out_dir).items()}
+
+
+def _final_loss(row: dict[str, Any]) -> float:
+    value = row.get("final_val_loss")
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
+
+
+def best_lrs(sweep: dict[float, list[dict[str, Any]]]) -> dict[str, float | None]:
+    """Each mixer's learning rate of lowest final validation loss over its finished seed-0 runs;
+    None while a swept rate has no finished seed-0 run of that mixer (a diverged run counts,
+    as an infinite loss)."""
+    mixers = dict.fromkeys(r["mixer"] for rows in sweep.values() for r in rows)
+    best: dict[str, float | None] = {}
+    for mixer in mixers:
+        seed0 = {lr: next((r for r in rows if r["mixer"] == mixer and r["seed"] == 0 and r["finished"]), None)
+                 for lr, rows in sweep.items()}
+        if any(r is None for r in seed0.values()):
+            best[mixer] = None
+        else:
+            best[mixer] = min(seed0, key=lambda lr: (_final_loss(seed0[lr]), lr))
+    return best
+
+
+def format_sweep_markdown(sweep: dict[float, list[dict[str, Any]]], best: dict[str, float | None],
+                          at_best: list[dict[str, Any]]) -> str:
+    lrs = sorted(sweep)
+    lines = ["Final validation loss (nats/token) of seed 0 at each learning rate:", "",
+             "| mixer | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr |",
+             "|---|" + "---|" * len(lrs) + "---|"]
+    for mixer, lr_best in best.items():
+        cells = []
+        for lr in lrs:
+            row = next((r for r in sweep[lr] if r["mixer"] == mixer and r["seed"] == 0), None)
+            if row is None:
+                cells.append("–")
+            else:
+                value = _final_loss(row)
+                text = "diverged" if value == math.inf else f"{value:.4f}"
+                cells.append(text if row["finished"] else f"{text} (unfinished)")
+        lines.append(f"| `{mixer}` | " + " | ".join(cells) + f" | {'–' if lr_best is None else f'{lr_best:g}'} |")
+    lines += ["", "At each mixer's best learning rate, over its seeds:", "",
+              format_markdown(summarise_lm(at_best), at_best)]
+    return "\n".join(lines)
+
+
+def write_sweep(out_dir: str | Path) -> dict[str, Path]:
+    """sweep.json (every run, the best rates, per-mixer statistics at them), sweep.csv (the
+    runs at the best rates) and sweep.md (both tables)."""
+    out_dir = Path(out_dir)
+    sweep = collect_sweep(out_dir)
+    if not any(sweep.values()):
+        raise FileNotFoundError(f"{out_dir} holds no lr*/{{mixer}}_s{{seed}} run with a metrics.jsonl")
+    best = best_lrs(sweep)
+    at_best = [r for m, lr in best.items() if lr is not None for r in sweep[lr] if r["mixer"] == m]
+    paths = {"json": out_dir / "sweep.json", "csv": out_dir / "sweep.csv", "md": out_dir / "sweep.md"}
+    write_json_atomic(paths["json"], {"best_lr": best, "mixers": summarise_lm(at_best),
+                                      "runs": {f"{lr:g}": rows for lr, rows in sweep.items()}})
+    write_csv_atomic(paths["csv"], list(dict.fromkeys(k for r in at_best for k in r)), at_best)
+    write_text_atomic(paths["md"], format_sweep_markdown(sweep, best, at_best))
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mixerzoo.evals.lm_summary", description=__doc__.split("\n")[0])
-    parser.add_argument("out_dir", help="the OUT folder of scripts/lm_compare.sh")
+    parser.add_argument("out_dir", help="the OUT folder of scripts/lm_compare.sh (or of scripts/lm_sweep.sh)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--sweep", action="store_true", help="OUT holds lr*/ folders: write sweep.{json,csv,md}")
+    mode.add_argument("--best-lrs", action="store_true",
+                      help="print 'mixer lr' for each mixer whose sweep is complete (the others to stderr)")
     args = parser.parse_args(argv)
-    paths = write_summary(args.out_dir)
+    if args.best_lrs:
+        folders = sweep_folders(args.out_dir)
+        for mixer, lr in best_lrs(collect_sweep(args.out_dir)).items():
+            if lr is None:
+                print(f"{mixer}: the sweep has no finished seed-0 run at every rate yet", file=sys.stderr)
+            else:
+                print(f"{mixer} {folders[lr].name[2:]}")  # the rate as its folder spells it
+        return 0
+    paths = write_sweep(args.out_dir) if args.sweep else write_summary(args.out_dir)
     print(paths["md"].read_text(), end="")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

@@ -32,6 +32,10 @@ The properties, in the order they are checked:
   by prefills.
 - ``gradients``: ``forward(x).sum().backward()`` gives finite gradients for ``x`` and every
   parameter that requires one, and at least one nonzero parameter gradient.
+- ``forward_normed``: where the mixer has ``forward_normed(x, norm)`` (every
+  :class:`~mixerzoo.mixers.base.Mixer` does), it equals ``forward(norm(x))`` for the block's
+  RMSNorm (with a random gain), outputs and the gradients of ``x`` and the gain. A plain
+  ``nn.Module`` without it passes: the block then calls ``forward(norm(x))`` itself.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ PROPERTIES = (
     "prefill",
     "state_size",
     "gradients",
+    "forward_normed",
 )
 
 # The small options a registered name (or a class) is built with when its constructor names
@@ -418,6 +423,33 @@ class _Checker:
             raise self.fail("gradients", f"all {len(params)} parameter gradients are zero")
         mixer.zero_grad(set_to_none=True)
 
+    def forward_normed(self, mixer: nn.Module) -> None:
+        if not callable(getattr(mixer, "forward_normed", None)):
+            return
+        from .models.backbone import RMSNorm
+
+        norm = RMSNorm(self.d, kernels=getattr(mixer, "kernels", "reference")).to(self.device, self.dtype)
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.5 * self.randn(self.d))
+        x, g = self.randn(self.B, self.T, self.d), self.randn(self.B, self.T, self.d)
+        outs, grads = [], []
+        for fn in (lambda v: mixer(norm(v)), lambda v: mixer.forward_normed(v, norm)):
+            v = x.clone().requires_grad_(True)
+            norm.weight.grad = None
+            with torch.enable_grad():
+                y = self.run("forward_normed", fn, v)
+                self.run("forward_normed", lambda: (y * g).sum().backward())
+            outs.append(y.detach())
+            grads.append((v.grad, norm.weight.grad))
+        mixer.zero_grad(set_to_none=True)
+        for what, a, b in (("output", outs[1], outs[0]), ("gradient of x", grads[1][0], grads[0][0]),
+                           ("gradient of the norm's gain", grads[1][1], grads[0][1])):
+            if a is None or b is None:
+                raise self.fail("forward_normed", f"{what}: missing on one side")
+            diff = _diff(a, b, self.atol, self.rtol)
+            if diff:
+                raise self.fail("forward_normed", f"forward_normed(x, norm) differs from forward(norm(x)) in the {what}: {diff}")
+
 
 def check_mixer(
     factory: Callable[..., Any] | type | str,
@@ -471,3 +503,5 @@ def check_mixer(
             c.decoding(mixer)
         if "gradients" not in skip:
             c.gradients(mixer)
+        if "forward_normed" not in skip:
+            c.forward_normed(mixer)

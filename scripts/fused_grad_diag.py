@@ -11,7 +11,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.utils, the repo's mixerzoo
 
 import torch, mixerzoo, math  # noqa: E402
-from mixerzoo.ops.fused import fused
 from mixerzoo.ops import pointwise
 from tests.utils import rel_err
 torch.manual_seed(0)
@@ -19,13 +18,15 @@ m = mixerzoo.build_model("loglinear_adaptive", size="125m", vocab_size=32000).cu
 for b in m.blocks[:2]:
     torch.nn.init.normal_(b.mixer.lambda_fc2.weight, std=0.05)
 m.blocks = m.blocks[:2]
+plain = m.with_kernels("reference")  # the same weights, the plain torch ops
 x = torch.randint(0, 32000, (2, 1000), device="cuda")
 def run(enabled, ac):
-    m.zero_grad(set_to_none=True)
-    with fused(enabled), torch.autocast("cuda", dtype=torch.bfloat16, enabled=ac):
-        loss = m(input_ids=x, labels=x, return_logits=not enabled).loss
+    model = m if enabled else plain
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ac):
+        loss = model(input_ids=x, labels=x, return_logits=not enabled).loss
     loss.backward()
-    return loss.item(), {n: p.grad.float().clone() for n, p in m.named_parameters() if p.grad is not None}
+    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
 l32, g32 = run(False, False)
 lr, gr = run(False, True)
 lf, gf = run(True, True)

@@ -225,6 +225,12 @@ class NanGradient(_Linear):
         return self.proj(x) + torch.sqrt(self.proj.bias * 0).sum()
 
 
+class NormedDropsTheGain(_Linear):
+    def forward_normed(self, x, norm):
+        # a fused norm that forgot the norm's learned gain
+        return self(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
+
+
 @pytest.mark.parametrize(
     "cls, prop, match",
     [
@@ -238,6 +244,7 @@ class NanGradient(_Linear):
         (ReadsValuesInInit, "meta", "meta device"),
         (UnusedParameter, "gradients", "spare"),
         (NanGradient, "gradients", "non-finite"),
+        (NormedDropsTheGain, "forward_normed", "differs from forward"),
     ],
     ids=lambda v: v.__name__ if isinstance(v, type) else None,
 )
@@ -247,6 +254,19 @@ def test_broken_mixer_fails_its_property(cls, prop, match):
     assert e.value.property == prop
     assert str(e.value).startswith(f"{prop}: ")
     assert isinstance(e.value, AssertionError)  # pytest reports it as a test failure
+
+
+def test_a_plain_module_without_forward_normed_passes():
+    # any causal nn.Module is a mixer; the block calls it on the normed input itself
+    class Plain(nn.Module):
+        def __init__(self, d_model, layer_idx=0):
+            super().__init__()
+            self.proj = nn.Linear(d_model, d_model)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    check_mixer(Plain, skip=("step", "prefill", "state_size"))
 
 
 def test_a_plain_callable_factory():

@@ -1,8 +1,8 @@
 """Whole models with the fused training ops against the plain torch code they replace.
 
 Each fused op has its own test against its reference (test_norms, test_fused_elementwise,
-test_cross_entropy); here the switch ``mixerzoo.ops.fused`` flips every op of a model at
-once, so a wiring mistake (a wrong dtype, a dropped gate, a missed skip) shows as a loss or
+test_cross_entropy); here a model built with ``kernels="fused"`` is run against its twin with
+``kernels="reference"`` (the same weights), every op at once, so a wiring mistake (a wrong dtype, a dropped gate, a missed skip) shows as a loss or
 gradient that differs. Also: the point-wise Functions of the mixers, the chunked loss
 through ``forward``, activation checkpointing, and ``mixerzoo bench models`` on the CPU.
 """
@@ -16,7 +16,6 @@ import torch
 
 import mixerzoo
 from mixerzoo.ops import pointwise
-from mixerzoo.ops.fused import fused, fused_enabled
 from tests.utils import assert_close, rel_err
 
 BUILTINS = mixerzoo.list_mixers()  # every registered mixer, whatever their number
@@ -33,9 +32,16 @@ def _model(name, seed=0):
     return model
 
 
+def _kernels(model, enabled: bool):
+    """``model`` itself when it runs the wanted kernels, else its twin with the same weights."""
+    kernels = "fused" if enabled else "reference"
+    return model if model.kernels == kernels else model.with_kernels(kernels)
+
+
 def _loss_and_grads(model, x, *, enabled, return_logits=True, autocast=False):
+    model = _kernels(model, enabled)
     model.zero_grad(set_to_none=True)
-    with fused(enabled), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = model(input_ids=x, labels=x, return_logits=return_logits).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -65,14 +71,25 @@ def test_fused_model_matches_reference_under_bf16_autocast(name):
         assert_close(n, ref_grads[n], grads[n], 5e-2)
 
 
-def test_switch_restores_and_defaults_on():
-    assert fused_enabled()
-    with fused(False):
-        assert not fused_enabled()
-        with fused(True):
-            assert fused_enabled()
-        assert not fused_enabled()
-    assert fused_enabled()
+def test_kernels_are_chosen_at_build_time_and_saved(tmp_path, monkeypatch):
+    model = mixerzoo.build_model("mamba2", size="tiny")
+    assert model.kernels == "fused" and model.blocks[0].mixer.norm.kernels == "fused"
+    monkeypatch.setenv("MIXERZOO_FUSED", "0")  # only the default of models built from now on
+    plain = mixerzoo.build_model("mamba2", size="tiny")
+    assert model.kernels == "fused" and plain.kernels == "reference"
+    assert {m.kernels for m in plain.modules() if hasattr(m, "kernels") and not callable(m.kernels)} == {"reference"}
+    assert "kernels=reference" in repr(plain.blocks[0])
+    plain.save_pretrained(tmp_path)
+    monkeypatch.delenv("MIXERZOO_FUSED")
+    assert mixerzoo.load_model(tmp_path).kernels == "reference"  # saved with the checkpoint
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        mixerzoo.build_model("mamba2", size="tiny", kernels="triton")
+    with pytest.raises(ValueError, match="kernels='reference' is a model option"):
+        mixerzoo.build_model("mamba2", size="tiny", mixer_options={"kernels": "reference"})
+    twin = model.with_kernels("reference")
+    assert twin.kernels == "reference" and model.kernels == "fused"
+    for (n, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        assert torch.equal(a, b), n
 
 
 def test_chunked_loss_through_forward():
@@ -217,12 +234,15 @@ def test_fused_model_matches_reference_on_gpu(name):
     model.blocks = model.blocks[:2]  # two layers are enough to exercise every op
     x = torch.randint(0, 32000, (2, 1000), device="cuda")  # T not a multiple of 64
 
+    plain = model.with_kernels("reference")
+
     def run(enabled, bf16=True):
-        model.zero_grad(set_to_none=True)
-        with fused(enabled), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=x, labels=x, return_logits=enabled is False).loss
+        m = model if enabled else plain
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            loss = m(input_ids=x, labels=x, return_logits=enabled is False).loss
         loss.backward()
-        return loss.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), {n: p.grad.float().clone() for n, p in m.named_parameters() if p.grad is not None}
 
     exact_loss, exact = run(False, bf16=False)
     ref_loss, ref = run(False)

@@ -26,7 +26,6 @@ from torch import nn
 from mixerzoo import build_model
 from mixerzoo.mixers.loglinear import LogLinearMamba2
 from mixerzoo.mixers.mamba2 import Mamba2
-from mixerzoo.ops.fused import fused
 from tests.utils import TOLERANCE, rel_err
 
 TOL = TOLERANCE[torch.float32]
@@ -90,9 +89,10 @@ def _assert_caught(what: str, errs: dict[str, float]) -> None:
 
 # --- softmax: the whole model against transformers' Llama / Qwen3 --------------------------
 
-def _zoo_lm(**mixer_options) -> nn.Module:
+def _zoo_lm(kernels: str = "fused", **mixer_options) -> nn.Module:
     torch.manual_seed(0)
-    model = build_model("softmax", size="tiny", vocab_size=VOCAB, mixer_options=mixer_options or None)
+    model = build_model("softmax", size="tiny", vocab_size=VOCAB, mixer_options=mixer_options or None,
+                        kernels=kernels)
     _scramble(model, seed=1)
     return model.eval()
 
@@ -163,19 +163,17 @@ def _ids(seed: int = 3) -> torch.Tensor:
 @pytest.mark.parametrize("fused_ops", [True, False], ids=["fused", "plain"])
 @pytest.mark.parametrize("kv_heads", [None, 2], ids=["mha", "gqa"])
 def test_softmax_model_matches_llama(kv_heads, fused_ops):
-    zoo = _zoo_lm(**({} if kv_heads is None else {"num_kv_heads": kv_heads}))
+    zoo = _zoo_lm(_kernels(fused_ops), **({} if kv_heads is None else {"num_kv_heads": kv_heads}))
     assert zoo.blocks[0].mixer.num_kv_heads == (kv_heads or zoo.blocks[0].mixer.num_heads)
-    with fused(fused_ops):
-        errs = lm_errors(zoo, _hf_lm(zoo), llama_mapping(zoo), _ids())
+    errs = lm_errors(zoo, _hf_lm(zoo), llama_mapping(zoo), _ids())
     assert set(zoo.backends().values()) == {"sdpa"}
     _assert_match(f"softmax kv_heads={kv_heads} fused={fused_ops} vs Llama", errs)
 
 
 @pytest.mark.parametrize("fused_ops", [True, False], ids=["fused", "plain"])
 def test_softmax_training_loss_matches_llama(fused_ops):
-    zoo = _zoo_lm(num_kv_heads=2)
-    with fused(fused_ops):
-        errs = lm_errors(zoo, _hf_lm(zoo), llama_mapping(zoo), _ids(), return_logits=False)
+    zoo = _zoo_lm(_kernels(fused_ops), num_kv_heads=2)
+    errs = lm_errors(zoo, _hf_lm(zoo), llama_mapping(zoo), _ids(), return_logits=False)
     _assert_match(f"softmax training loss fused={fused_ops} vs Llama", errs)
 
 
@@ -237,6 +235,10 @@ MAMBA2_MAPPING = [(n, [n]) for n in (
     "in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight", "out_proj.weight",
 )]
 LOGLINEAR_MAPPING = MAMBA2_MAPPING + [("lambda_L", ["L"])]
+
+
+def _kernels(fused_ops: bool) -> str:
+    return "fused" if fused_ops else "reference"
 
 
 def _zoo_mixer(cls: type, backend: str, **options) -> nn.Module:
@@ -331,9 +333,9 @@ def _x(t: int = T) -> torch.Tensor:
 @pytest.mark.parametrize("t", [T, 1])
 @pytest.mark.parametrize("backend", ["torch", "naive"])
 def test_mamba2_matches_fla(fla_cpu, backend, t, fused_ops):
-    zoo = _zoo_mixer(Mamba2, backend)
+    zoo = _zoo_mixer(Mamba2, backend, kernels=_kernels(fused_ops))
     ref, ref_forward = _fla_mamba2(zoo)
-    with fla_cpu(), fused(fused_ops):
+    with fla_cpu():
         errs = mixer_errors(zoo, ref, ref_forward, MAMBA2_MAPPING, _x(t))
         roundoff = reference_roundoff(_fla_mamba2, zoo, MAMBA2_MAPPING, _x(t))
     assert zoo.last_backend == backend
@@ -353,8 +355,8 @@ def test_mamba2_check_catches_wrong_mapping(fla_cpu, planted):
         _assert_caught(f"planted: mamba2 {planted}", mixer_errors(zoo, ref, ref_forward, mapping, _x()))
 
 
-def _zoo_loglinear(fla_levels: int, backend: str) -> LogLinearMamba2:
-    zoo = _zoo_mixer(LogLinearMamba2, backend, lambda_mode="linear", max_levels=fla_levels)
+def _zoo_loglinear(fla_levels: int, backend: str, kernels: str = "fused") -> LogLinearMamba2:
+    zoo = _zoo_mixer(LogLinearMamba2, backend, lambda_mode="linear", max_levels=fla_levels, kernels=kernels)
     with torch.no_grad():
         # levels far from one another, so that a level read off by one shows
         zoo.lambda_L.normal_(1.0, 1.0, generator=torch.Generator().manual_seed(6))
@@ -372,9 +374,9 @@ def fla_levels(fla_cpu):
 @pytest.mark.parametrize("t", [T, 1])
 @pytest.mark.parametrize("backend", ["torch", "naive"])
 def test_loglinear_matches_fla(fla_cpu, fla_levels, backend, t, fused_ops):
-    zoo = _zoo_loglinear(fla_levels, backend)
+    zoo = _zoo_loglinear(fla_levels, backend, _kernels(fused_ops))
     ref, ref_forward = _fla_loglinear(zoo)
-    with fla_cpu(), fused(fused_ops):
+    with fla_cpu():
         errs = mixer_errors(zoo, ref, ref_forward, LOGLINEAR_MAPPING, _x(t))
         roundoff = reference_roundoff(_fla_loglinear, zoo, LOGLINEAR_MAPPING, _x(t))
     assert zoo.last_backend == backend

@@ -84,7 +84,7 @@ def _ours(cfg: ModelBenchConfig, mixer: str, device: torch.device):
 
     tcfg = _train_config(cfg, mixer)
     with torch.device(device):  # initialised where it runs: seconds less per row at 350m
-        model = build_model(mixer, cfg.size, vocab_size=cfg.vocab_size)
+        model = build_model(mixer, cfg.size, vocab_size=cfg.vocab_size, kernels="fused" if cfg.fused else "reference")
     model = prepare_model(model, tcfg, cfg.precision, device)
     model.train()
     optimizer = build_optimizer(model, tcfg, device)
@@ -166,21 +166,18 @@ def _measure(step: Callable, x: torch.Tensor, cfg: ModelBenchConfig, device: tor
 
 
 def _run_row(cfg: ModelBenchConfig, name: str, T: int, device: torch.device, out: Path) -> dict:
-    from ..ops.fused import fused
-
     row: dict = {"model": name, "T": T, "B": cfg.tokens // T}
     model = step = None
     try:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        with fused(cfg.fused):
-            build = _fla if name in ANCHORS else _ours
-            model, step, row["params"], layers = build(cfg, name, device)
-            x = torch.randint(0, cfg.vocab_size, (cfg.tokens // T, T), device=device)
-            row.update(_measure(step, x, cfg, device))
-            if cfg.profile:
-                row["profile"] = profile_step(step, x, device, layers, out / f"trace_{name}_T{T}.json")
+        build = _fla if name in ANCHORS else _ours
+        model, step, row["params"], layers = build(cfg, name, device)
+        x = torch.randint(0, cfg.vocab_size, (cfg.tokens // T, T), device=device)
+        row.update(_measure(step, x, cfg, device))
+        if cfg.profile:
+            row["profile"] = profile_step(step, x, device, layers, out / f"trace_{name}_T{T}.json")
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
         if device.type == "cuda":

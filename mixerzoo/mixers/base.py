@@ -3,7 +3,8 @@
 A mixer maps ``[B, T, d_model] -> [B, T, d_model]`` causally. It is built as
 ``cls(d_model, layer_idx=i, **options)``; the backbone around it never knows which one it is.
 Recurrent decoding: ``init_state`` / ``step`` (one token), ``prefill`` (many tokens from a
-state) and ``state_size`` (elements of recurrent state per sequence).
+state) and ``state_size`` (elements of recurrent state per sequence). ``forward_normed(x,
+norm)`` is ``self(norm(x))`` unless a mixer fuses the block's pre-norm into its projection.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class Mixer(nn.Module):
         self.layer_idx = layer_idx
         self.last_backend: str | None = None
 
+    def extra_repr(self) -> str:
+        kernels = getattr(self, "kernels", None)
+        return f"kernels={kernels}" if kernels is not None else ""
+
     def _ran(self, backend: str) -> None:
         self.last_backend = backend
         announce_backend(type(self).__name__, backend)
@@ -76,6 +81,14 @@ class Mixer(nn.Module):
             raise ValueError(
                 f"{type(self).__name__} expects [B, T, {self.d_model}], got {tuple(x.shape)}"
             )
+
+    def forward_normed(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """``self(norm(x))`` for the block's pre-norm ``norm``: ``[B, T, d_model] -> [B, T, d_model]``.
+
+        A mixer may override it to fuse the norm into its first projection (Mamba-2 does, with
+        its fused kernels); the result must equal ``self(norm(x))``.
+        """
+        return self(norm(x))
 
     def init_state(self, batch: int, device: torch.device | str, dtype: torch.dtype) -> Any:
         raise NotImplementedError(f"{type(self).__name__} does not support recurrent decoding")

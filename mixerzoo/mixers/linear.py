@@ -9,7 +9,7 @@ from torch import nn
 
 from mixerzoo.mixers.base import Mixer, check_backend, pick_kernel_backend
 from mixerzoo.ops.external import load_fla_chunk_linear_attn
-from mixerzoo.ops.fused import compute_dtype, fused_enabled
+from mixerzoo.ops.fused import check_kernels, compute_dtype
 from mixerzoo.ops.linear_attn import (
     linear_attn_chunked,
     linear_attn_naive,
@@ -33,7 +33,8 @@ class LinearAttention(Mixer):
     ``scale = head_dim ** -0.5`` on every backend. Decoding state: ``[B, H, K, V]`` in fp32.
 
     Backends: ``"auto"`` (fla's ``chunk_linear_attn`` on CUDA when fla imports, else torch),
-    ``"triton"`` (fla, CUDA only), ``"torch"`` (chunked), ``"naive"`` (quadratic).
+    ``"triton"`` (fla, CUDA only), ``"torch"`` (chunked), ``"naive"`` (quadratic). ``kernels``
+    picks the output norm's implementation (fused op or plain code).
     """
 
     def __init__(
@@ -46,8 +47,10 @@ class LinearAttention(Mixer):
         output_norm: bool = True,
         chunk_size: int = 64,
         backend: str = "auto",
+        kernels: str = "fused",
     ):
         super().__init__(d_model, layer_idx=layer_idx)
+        self.kernels = check_kernels(kernels)
         if head_dim < 1 or d_model % head_dim != 0:
             raise ValueError(f"d_model={d_model} must be divisible by head_dim={head_dim}")
         if feature_map not in FEATURE_MAPS:
@@ -78,7 +81,7 @@ class LinearAttention(Mixer):
     def _out(self, o: torch.Tensor) -> torch.Tensor:
         """o ``[..., H, D]`` -> ``[..., d]``."""
         if self.norm is not None:
-            if fused_enabled():
+            if self.kernels == "fused":
                 from mixerzoo.ops.norms import rms_norm
 
                 o = rms_norm(o, self.norm.weight, self.norm.eps, out_dtype=compute_dtype(o))

@@ -37,7 +37,6 @@ from torch import nn
 
 from mixerzoo.mixers.mamba2 import Mamba2
 from mixerzoo.ops import pointwise
-from mixerzoo.ops.fused import fused_enabled
 from mixerzoo.ops.loglinear import log_linear_attn, log_linear_step, resolve_backend
 
 LAMBDA_MODES = ("fixed", "linear", "mlp", "mlp_softmax")
@@ -165,7 +164,7 @@ class LogLinearMamba2(Mamba2):
             pre = aux[0]
             hidden = act(pre + self.lambda_fc1.bias.to(pre.dtype))
             logits = rearrange(self.lambda_fc2(hidden), "... (h l) -> ... h l", l=L)
-        if self.lambda_mode == "mlp" and fused_enabled():
+        if self.lambda_mode == "mlp" and self.kernels == "fused":
             return pointwise.softplus(logits)
         logits = logits.float()
         if self.lambda_mode == "mlp":
@@ -180,7 +179,7 @@ class LogLinearMamba2(Mamba2):
         name = resolve_backend(self.backend, x.device, dtype=x.dtype, dims=(self.d_state, self.head_dim))
         # v = x·dt, formed in fp32 and cast to x's dtype (q, k, v share one dtype in the op);
         # fused, the op forms it itself and does not keep it for backward.
-        if fused_enabled():
+        if self.kernels == "fused":
             v, v_scale = x, dt
         else:
             v, v_scale = (x.float() * dt[..., None]).to(x.dtype), None
@@ -189,7 +188,7 @@ class LogLinearMamba2(Mamba2):
             output_final_state=want_state, backend=name, v_scale=v_scale,
         )
         self._ran(name)
-        if fused_enabled():
+        if self.kernels == "fused":
             return pointwise.scale_rows(x, self.D, add=o), final  # o + x·D in one pass each way
         return o + x * self.D[:, None].to(x.dtype), final
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from mixerzoo.mixers.base import Mixer, check_backend, pick_kernel_backend
 from mixerzoo.ops.external import load_mamba_chunk_scan_combined
-from mixerzoo.ops.fused import fused_enabled
+from mixerzoo.ops.fused import check_kernels, compute_dtype
 from mixerzoo.ops.ssd import ssd_chunked, ssd_naive, ssd_step
 
 
@@ -36,18 +36,25 @@ class GatedRMSNorm(nn.Module):
     """RMSNorm over groups of ``group_size`` channels, gated by ``silu(z)``.
 
     ``norm_before_gate=False`` (Mamba-2's default) normalises ``y * silu(z)``; ``True``
-    normalises y and then gates. Computed in fp32, returned in y's dtype.
+    normalises y and then gates. Computed in fp32, returned in y's dtype. ``kernels`` picks the
+    fused op or the plain code below (its reference).
     """
 
-    def __init__(self, dim: int, group_size: int, norm_before_gate: bool, eps: float = 1e-5):
+    def __init__(self, dim: int, group_size: int, norm_before_gate: bool, eps: float = 1e-5,
+                 kernels: str = "fused"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.group_size = group_size
         self.norm_before_gate = norm_before_gate
         self.eps = eps
+        self.kernels = check_kernels(kernels)
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight.shape[0]}, group_size={self.group_size}, "
+                f"norm_before_gate={self.norm_before_gate}, kernels={self.kernels}")
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        if fused_enabled():
+        if self.kernels == "fused":
             from mixerzoo.ops.norms import gated_rms_norm
 
             return gated_rms_norm(y, z, self.weight, group_size=self.group_size,
@@ -83,7 +90,9 @@ class Mamba2(Mixer):
 
     Backends: ``"auto"`` (mamba-ssm's Triton SSD on CUDA when it imports, else torch),
     ``"triton"`` (mamba-ssm, CUDA only), ``"torch"`` (chunked SSD), ``"naive"`` (quadratic SSD).
-    Decoding always runs the torch recurrence.
+    Decoding always runs the torch recurrence. ``kernels`` ("fused" / "reference") picks the
+    small ops (gated norm, short conv, the fused input and output projections); the model
+    passes its own.
     """
 
     def __init__(
@@ -105,8 +114,10 @@ class Mamba2(Mixer):
         bias: bool = False,
         norm_before_gate: bool = False,
         backend: str = "auto",
+        kernels: str = "fused",
     ):
         super().__init__(d_model, layer_idx=layer_idx)
+        self.kernels = check_kernels(kernels)
         for name, value in (("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
                             ("head_dim", head_dim), ("ngroups", ngroups),
                             ("chunk_size", chunk_size)):
@@ -140,7 +151,7 @@ class Mamba2(Mixer):
         self.dt_bias = nn.Parameter(torch.empty(nheads))
         self.A_log = nn.Parameter(torch.empty(nheads))
         self.D = nn.Parameter(torch.ones(nheads))
-        self.norm = GatedRMSNorm(d_inner, d_inner // ngroups, norm_before_gate)
+        self.norm = GatedRMSNorm(d_inner, d_inner // ngroups, norm_before_gate, kernels=kernels)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
         self._init_ssm(dt_min, dt_max, dt_init_floor, A_init_range)
 
@@ -244,7 +255,7 @@ class Mamba2(Mixer):
         """Causal depthwise conv + SiLU over xBC ``[B, T, conv_dim]`` continuing from
         ``conv_state`` ``[B, conv_dim, d_conv - 1]`` (None: zeros). Returns (out, new state),
         the state None when not ``want_state``."""
-        if conv_state is None and not want_state and fused_enabled():
+        if conv_state is None and not want_state and self.kernels == "fused":
             from mixerzoo.ops.conv import causal_conv1d
 
             # reads xBC in place inside the in_proj output and keeps no padded copy
@@ -283,7 +294,7 @@ class Mamba2(Mixer):
         )
         y = rearrange(y.to(act_dtype), "b t h p -> b t (h p)")
         new_state = Mamba2State(conv_state, seq_state) if want else None
-        if fused_enabled() and self.out_proj.bias is None:
+        if self.kernels == "fused" and self.out_proj.bias is None:
             return self.norm.project(y, z, self.out_proj.weight), new_state
         return self.out_proj(self.norm(y, z)), new_state
 
@@ -291,9 +302,8 @@ class Mamba2(Mixer):
         """``forward(norm(x))`` for the block's RMSNorm ``norm``, fused into in_proj (and the
         other projections of the block input) when the fused ops are on: the normalised input
         is rebuilt in backward instead of kept."""
-        if not fused_enabled() or self.in_proj.bias is not None or not hasattr(norm, "eps"):
+        if self.kernels != "fused" or self.in_proj.bias is not None or not hasattr(norm, "eps"):
             return self.forward(norm(x))
-        from mixerzoo.ops.fused import compute_dtype
         from mixerzoo.ops.norms import rms_norm_linear
 
         self.check_input(x)

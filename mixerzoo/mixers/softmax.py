@@ -11,7 +11,7 @@ from torch import nn
 
 from mixerzoo.mixers.base import Mixer
 from mixerzoo.ops import pointwise
-from mixerzoo.ops.fused import fused_enabled
+from mixerzoo.ops.fused import check_kernels
 
 
 @dataclass
@@ -27,10 +27,10 @@ class KVCache:
         return self.k.shape[2]
 
 
-def apply_rope(x: torch.Tensor, start: int, base: float) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, start: int, base: float, kernels: str = "fused") -> torch.Tensor:
     """Rotary embedding (rotate-half layout) for x ``[B, H, T, D]`` at positions start..start+T-1,
-    in fp32, returned in x's dtype."""
-    if fused_enabled():
+    in fp32, returned in x's dtype; the fused op or its plain reference by ``kernels``."""
+    if kernels == "fused":
         return pointwise.apply_rope(x, start, base)
     return pointwise.apply_rope_reference(x, start, base)
 
@@ -40,7 +40,8 @@ class SoftmaxAttention(Mixer):
 
     ``num_heads = d_model // head_dim``; ``num_kv_heads`` key/value heads are each shared by
     ``num_heads // num_kv_heads`` query heads (GQA). ``qk_norm`` applies a per-head RMSNorm to
-    queries and keys before RoPE. Decoding keeps a :class:`KVCache`.
+    queries and keys before RoPE. Decoding keeps a :class:`KVCache`. ``kernels`` picks the
+    rotary embedding's implementation (fused op or plain code).
     """
 
     def __init__(
@@ -53,8 +54,10 @@ class SoftmaxAttention(Mixer):
         qk_norm: bool = False,
         rope_base: float = 10000.0,
         bias: bool = False,
+        kernels: str = "fused",
     ):
         super().__init__(d_model, layer_idx=layer_idx)
+        self.kernels = check_kernels(kernels)
         if head_dim < 2 or head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even and >= 2 for rotary embeddings, got {head_dim}")
         if d_model % head_dim != 0:
@@ -88,8 +91,8 @@ class SoftmaxAttention(Mixer):
         v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, start, self.rope_base)
-        k = apply_rope(k, start, self.rope_base)
+        q = apply_rope(q, start, self.rope_base, self.kernels)
+        k = apply_rope(k, start, self.rope_base, self.kernels)
         return q, k, v
 
     def _attend(self, q, k, v, mask=None, causal=False) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """One backbone for every mixer: pre-RMSNorm → mixer → residual → RMSNorm → SwiGLU → residual.
 
 The block does not know its mixer; it only relies on the contract in ``mixers/base.py``.
+Its norms and MLP run the fused ops or the plain torch code by ``kernels``, fixed when they
+are built (``mixerzoo.ops.fused``).
 """
 
 from __future__ import annotations
@@ -11,17 +13,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.fused import compute_dtype, fused_enabled
+from ..mixers.base import Mixer
+from ..ops.fused import check_kernels, compute_dtype
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, d: int, eps: float = 1e-5):
+    """RMSNorm over the last dim ``[..., d]``, computed in fp32."""
+
+    def __init__(self, d: int, eps: float = 1e-5, kernels: str = "fused"):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(d))
+        self.kernels = check_kernels(kernels)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, kernels={self.kernels}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_enabled():
+        if self.kernels == "fused":
             from ..ops.norms import rms_norm
 
             # Returned in the matmul dtype: every consumer is a projection, which would cast.
@@ -33,13 +42,19 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
+    """``down(silu(gate) * up)`` with ``[gate; up] = gate_up(x)``, ``[..., d] -> [..., d]``."""
+
+    def __init__(self, d_model: int, hidden: int, kernels: str = "fused"):
         super().__init__()
         self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, d_model, bias=False)
+        self.kernels = check_kernels(kernels)
+
+    def extra_repr(self) -> str:
+        return f"kernels={self.kernels}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_enabled():
+        if self.kernels == "fused":
             from ..ops.swiglu import swiglu_linear
 
             # the [.., hidden] product is recomputed in backward instead of kept
@@ -58,18 +73,20 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, mixer: nn.Module, d_model: int, mlp_hidden: int, eps: float):
+    def __init__(self, mixer: nn.Module, d_model: int, mlp_hidden: int, eps: float, kernels: str = "fused"):
         super().__init__()
-        self.mixer_norm = RMSNorm(d_model, eps)
+        self.kernels = check_kernels(kernels)
+        self.mixer_norm = RMSNorm(d_model, eps, kernels)
         self.mixer = mixer
-        self.mlp_norm = RMSNorm(d_model, eps)
-        self.mlp = SwiGLU(d_model, mlp_hidden)
+        self.mlp_norm = RMSNorm(d_model, eps, kernels)
+        self.mlp = SwiGLU(d_model, mlp_hidden, kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_enabled() and hasattr(self.mixer, "forward_normed"):
-            # a mixer that can fuse the pre-norm into its first projection (optional contract)
+        if isinstance(self.mixer, Mixer):
+            # the contract's forward_normed: self(norm(x)), or the pre-norm fused into the
+            # mixer's first projection where it does so
             y = self.mixer.forward_normed(x, self.mixer_norm)
-        else:
+        else:  # any causal nn.Module is a mixer too
             y = self.mixer(self.mixer_norm(x))
         if not isinstance(y, torch.Tensor) or y.shape != x.shape:
             got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
@@ -77,7 +94,7 @@ class Block(nn.Module):
                              f"{tuple(x.shape)}: a mixer must map [B, T, d_model] to the same shape "
                              "(mixerzoo.testing.check_mixer checks the whole contract)")
         x = x + y
-        if fused_enabled():
+        if self.kernels == "fused":
             return x + self.mlp.from_residual(x, self.mlp_norm)
         return x + self.mlp(self.mlp_norm(x))
 

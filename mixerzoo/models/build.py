@@ -17,6 +17,7 @@ from ..registry import (
     resolve_mixer_class,
 )
 from .config import MixerZooConfig, check_int
+from ..ops.fused import check_kernels, default_kernels
 from .init import check_init
 from .sizes import (
     construct_on_meta,
@@ -132,6 +133,7 @@ def build_config(
     tie_embeddings: bool = True,
     embedding_init_std: float | None = None,
     init: str = "reference",
+    kernels: str | None = None,
 ) -> MixerZooConfig:
     """The config ``build_model`` would build (see there); cheap, allocates no weights."""
     if not isinstance(size, str):
@@ -147,6 +149,7 @@ def build_config(
     # through to a default (as `value or DEFAULT` would let it).
     d, n = _dims(size, d_model, n_layers)
     check_init(init)
+    kernels = default_kernels() if kernels is None else check_kernels(kernels)
     check_int("vocab_size", vocab_size, optional=True)
     check_int("mlp_hidden", mlp_hidden, optional=True)
     for flag, value in (("match_params", match_params), ("tie_embeddings", tie_embeddings)):
@@ -161,6 +164,9 @@ def build_config(
         not isinstance(mixer_options, dict) or not all(isinstance(k, str) for k in mixer_options)
     ):
         raise TypeError(f"mixer_options must be a dict of option name -> value or None, got {mixer_options!r}")
+    if mixer_options and "kernels" in mixer_options:
+        raise ValueError(f"mixer_options: kernels={mixer_options['kernels']!r} is a model option, set for every "
+                         "module at once: build_model(..., kernels='fused' | 'reference')")
     if n % len(names):
         raise ValueError(f"a hybrid of {len(names)} mixers needs n_layers divisible by {len(names)}, got {n}")
     plans = _plan_layers(names, d, n, size, mixer_options)
@@ -179,6 +185,7 @@ def build_config(
         embedding_init_std=embedding_init_std,
         size=size,
         init=init,
+        kernels=kernels,
     )
 
 
@@ -190,7 +197,9 @@ def build_model(name: str | Sequence[str], size: str = "tiny", **kwargs: Any):
     every mixer), ``mlp_hidden`` (skip matching), ``match_params`` (default True),
     ``tie_embeddings`` (default True), ``embedding_init_std`` (default: 0.02, the
     initializer range), ``init`` (default ``"reference"``: every layer starts as the
-    implementation its mixer reproduces; or one rule of :mod:`mixerzoo.models.init` for all).
+    implementation its mixer reproduces; or one rule of :mod:`mixerzoo.models.init` for all),
+    ``kernels`` (``"fused"`` or ``"reference"``: the small ops' implementation, see
+    :mod:`mixerzoo.ops.fused`; default fused unless ``MIXERZOO_FUSED=0``).
 
     >>> model = build_model("loglinear_adaptive", size="350m")   # doctest: +SKIP
     """

@@ -6,6 +6,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from ..ops.fused import check_kernels
 from .init import check_init, check_rule
 
 # Fields without which a saved config cannot describe the model it came from: the constructor's
@@ -54,6 +55,8 @@ class MixerZooConfig(PretrainedConfig):
     a saved model can be rebuilt from its class paths even where the registry name is unknown.
     ``init`` says how a fresh model is initialised: ``"reference"`` (each layer by the rule of
     the implementation it reproduces) or one rule for all (:mod:`mixerzoo.models.init`).
+    ``kernels`` says which implementation of the small ops every module runs (``"fused"`` or
+    ``"reference"``, :mod:`mixerzoo.ops.fused`).
     """
 
     model_type = "mixerzoo"
@@ -70,6 +73,7 @@ class MixerZooConfig(PretrainedConfig):
         embedding_init_std: float | None = None,
         size: str | None = None,
         init: str = "reference",
+        kernels: str = "fused",
         **kwargs: Any,
     ):
         self.layers = [dict(layer) for layer in (layers or [])]
@@ -84,6 +88,9 @@ class MixerZooConfig(PretrainedConfig):
         self.embedding_init_std = embedding_init_std
         self.size = size
         self.init = check_init(init)
+        # "fused" | "reference": the implementation of the small ops, fixed when the model is
+        # built (configs saved before the field existed ran the fused ops by default)
+        self.kernels = check_kernels(kernels)
         # transformers reads these generic names (generation, device maps, lm-eval).
         kwargs.setdefault("hidden_size", d_model)
         kwargs.setdefault("num_hidden_layers", len(self.layers))

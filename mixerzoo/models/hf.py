@@ -17,19 +17,20 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from ..ops.fused import fused_enabled
-from ..registry import check_options, class_for_layer, construct_mixer
+from ..registry import accepted_options, check_options, class_for_layer, construct_mixer
 from .arguments import FORWARD_NEUTRAL, GENERATE_FREE, GENERATE_NEUTRAL, refuse_kwargs, value_checks_allowed
 from .backbone import Block, RMSNorm, SwiGLU
 from .build import check_option_types
 from .config import MixerZooConfig, check_int
 
-def _build_mixer(layer: dict[str, Any], d_model: int, layer_idx: int) -> nn.Module:
+def _build_mixer(layer: dict[str, Any], d_model: int, layer_idx: int, kernels: str) -> nn.Module:
     name = layer.get("mixer", "?")
     cls = class_for_layer(name, layer["class"])
     options = dict(layer.get("options") or {})
     check_options(name, cls, options)
     check_option_types(name, cls, options)
+    if "kernels" in accepted_options(cls)[0]:
+        options["kernels"] = kernels  # the model's choice, for every mixer that has such ops
     return construct_mixer(cls, d_model, layer_idx, options, name)
 
 
@@ -57,13 +58,13 @@ class MixerZooForCausalLM(PreTrainedModel):
         super().__init__(config)
         if not config.layers:
             raise ValueError("MixerZooConfig.layers is empty: build models with build_model(...)")
-        d = config.d_model
+        d, kernels = config.d_model, config.kernels
         self.embed = nn.Embedding(config.vocab_size, d)
         self.blocks = nn.ModuleList(
-            Block(_build_mixer(layer, d, i), d, config.mlp_hidden, config.norm_eps)
+            Block(_build_mixer(layer, d, i, kernels), d, config.mlp_hidden, config.norm_eps, kernels)
             for i, layer in enumerate(config.layers)
         )
-        self.norm = RMSNorm(d, config.norm_eps)
+        self.norm = RMSNorm(d, config.norm_eps, kernels)
         # A tied head reuses the embedding matrix directly, so there is no second parameter
         # for save/load to tie back together.
         self.lm_head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
@@ -239,7 +240,7 @@ class MixerZooForCausalLM(PreTrainedModel):
 
         h = self.norm(h)[:, :-1].flatten(0, 1)
         targets = labels[:, 1:].flatten()
-        if not fused_enabled():
+        if self.config.kernels != "fused":
             logits = F.linear(h, self._head_weight())
             return F.cross_entropy(logits.float(), targets, ignore_index=-100)
         return linear_cross_entropy(h, self._head_weight(), targets, ignore_index=-100)
@@ -402,9 +403,31 @@ class MixerZooForCausalLM(PreTrainedModel):
 
     # --- introspection -----------------------------------------------------------------------
     def backends(self) -> dict[str, str | None]:
-        """What each layer's mixer ran last ("torch", "triton", "sdpa", ...; None before a forward)."""
+        """What each layer's sequence op ran last ("torch", "triton", "sdpa", ...; None before a
+        forward). What the small ops run is :attr:`kernels` (and ``print(model)``, per module)."""
         return {f"layer{i}.{type(b.mixer).__name__}": getattr(b.mixer, "last_backend", None)
                 for i, b in enumerate(self.blocks)}
+
+    def with_kernels(self, kernels: str) -> "MixerZooForCausalLM":
+        """A twin of this model, the same weights on the same device, whose small ops run
+        ``kernels`` ("fused" or "reference"): how the fused ops are checked against their
+        reference through whole models."""
+        import copy
+
+        from ..ops.fused import check_kernels
+
+        config = copy.deepcopy(self.config)
+        config.kernels = check_kernels(kernels)
+        weight = self.embed.weight
+        twin = type(self)(config).to(device=weight.device, dtype=weight.dtype)
+        twin.load_state_dict(self.state_dict())
+        return twin.train(self.training)
+
+    @property
+    def kernels(self) -> str:
+        """``"fused"`` (norms, SwiGLU, short conv, rotary and the loss as fused ops) or
+        ``"reference"`` (the plain torch code), fixed when the model was built."""
+        return self.config.kernels
 
     def state_size(self, seq_len: int) -> int:
         """Elements of recurrent state per sequence after ``seq_len`` tokens, all layers."""

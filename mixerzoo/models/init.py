@@ -36,15 +36,12 @@ names no rule keeps the initialisation its constructor gave it. Naming a rule in
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..registry import INIT_RULES, check_init_rule
-
-if TYPE_CHECKING:
-    from .hf import MixerZooForCausalLM
 
 INIT_CHOICES = ("reference",) + INIT_RULES
 
@@ -154,7 +151,7 @@ _MIXER_RULES: dict[str, Callable[[nn.Module, float, int], None]] = {
 }
 
 
-def _backbone(model: "MixerZooForCausalLM", rule: str, std: float, n_layers: int) -> None:
+def _backbone(model: nn.Module, rule: str, std: float, n_layers: int) -> None:
     emb_std = model.config.embedding_init_std
     _normal(model.embed.weight, std if emb_std is None else emb_std)
     norms = [model.norm] + [n for b in model.blocks for n in (b.mixer_norm, b.mlp_norm)]
@@ -177,8 +174,9 @@ def _backbone(model: "MixerZooForCausalLM", rule: str, std: float, n_layers: int
 
 
 @torch.no_grad()
-def init_model(model: "MixerZooForCausalLM") -> None:
-    """Initialise ``model`` by its config's ``init`` (see the module docstring).
+def init_model(model: nn.Module) -> None:
+    """Initialise ``model`` (a ``MixerZooForCausalLM``) by its config's ``init`` (see the module
+    docstring).
 
     Tensors flagged ``_is_hf_initialized`` (loaded from a checkpoint) and meta tensors are left
     as they are, so this is safe to run after loading.

@@ -1,41 +1,35 @@
-"""One switch between the fused training ops and the plain torch code they replace.
+"""Which implementation of a model's small ops runs: part of the model, chosen when it is built.
 
-The fused ops (norms, the SwiGLU product, the short convolution, rotary embeddings, the LM
-loss) save fewer and smaller tensors for backward and launch fewer kernels; the plain code
-stays as their reference. ``MIXERZOO_FUSED=0`` in the environment, ``set_fused(False)`` or
-``with fused(False):`` runs the reference everywhere, which is how benchmarks measure
-"before" and tests compare the two paths through whole models.
+``kernels="fused"``: the fused ops (norms, the SwiGLU product, the short convolution, rotary
+embeddings, the LM loss), which save fewer and smaller tensors for backward and launch fewer
+kernels (Triton on CUDA, hand-written torch autograd elsewhere). ``kernels="reference"``: the
+plain torch code each of them replaces, which is also the reference it is tested against.
+A model's config holds the choice and passes it to every module that has such an op when it is
+constructed; nothing reads a process-wide setting at run time. ``MIXERZOO_FUSED=0`` in the
+environment only changes the default for models built afterwards.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
-_enabled = os.environ.get("MIXERZOO_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
+KERNELS = ("fused", "reference")
 
 
-def fused_enabled() -> bool:
-    return _enabled
+def check_kernels(value: object, where: str = "kernels") -> str:
+    """``value`` if it is one of :data:`KERNELS`, else an error naming the allowed values."""
+    if value not in KERNELS:
+        raise ValueError(f"{where} must be one of {list(KERNELS)}, got {value!r}")
+    return value  # type: ignore[return-value]
 
 
-def set_fused(enabled: bool) -> None:
-    global _enabled
-    _enabled = bool(enabled)
-
-
-@contextmanager
-def fused(enabled: bool) -> Iterator[None]:
-    """Run a block of code with the fused ops switched on or off, restoring the setting after."""
-    global _enabled
-    before, _enabled = _enabled, bool(enabled)
-    try:
-        yield
-    finally:
-        _enabled = before
+def default_kernels() -> str:
+    """The kernels of a model built without naming them: "fused", unless ``MIXERZOO_FUSED`` is
+    0 / false / no / off (then "reference")."""
+    off = os.environ.get("MIXERZOO_FUSED", "1").strip().lower() in ("0", "false", "no", "off")
+    return "reference" if off else "fused"
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

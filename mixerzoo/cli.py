@@ -158,7 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
-    from .tasks.tokenizer import train_bpe
+    from .data.tokenizers import train_bpe
 
     tok = train_bpe(args.data, args.vocab, args.out, text_field=args.text_field)
     print(f"trained a byte-level BPE of {len(tok):,} tokens; wrote {args.out} (use --tokenizer {args.out})")
@@ -202,7 +202,7 @@ def _demo_lm(args: argparse.Namespace) -> int:
     import shutil
 
     from .evals.lm_eval import evaluate, format_results
-    from .tasks.toy_text import write_corpus
+    from .data.toy_text import write_corpus
     from .train import TrainConfig, train
 
     out = Path(args.out if args.out != "results/demo" else "results/demo_lm")

@@ -36,8 +36,8 @@ from mixerzoo import build_model
 from mixerzoo.evals.references import REFERENCES, reference_logits, reference_mlp_hidden, reference_model
 from mixerzoo.files import write_csv_atomic, write_json_atomic, write_text_atomic
 from mixerzoo.models.build import build_config, weight_decay_groups
-from mixerzoo.tasks.text import PackedSequences, tokenize_corpus
-from mixerzoo.tasks.tokenizer import load_tokenizer
+from mixerzoo.data import PackedSequences, tokenize_corpus
+from mixerzoo.data.tokenizers import load_tokenizer
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -24,7 +24,7 @@ def _script_env(**extra: str) -> dict[str, str]:
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_runs_evaluates_summarises_and_resumes(tmp_path):
-    from mixerzoo.tasks.toy_text import write_corpus
+    from mixerzoo.data.toy_text import write_corpus
 
     corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=3000)
     out = tmp_path / "lm"
@@ -84,7 +84,7 @@ def test_compare_gpu_reports_a_failed_part_and_still_runs_the_others(tmp_path):
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_sweep_trains_every_rate_then_seeds_at_the_best(tmp_path):
-    from mixerzoo.tasks.toy_text import write_corpus
+    from mixerzoo.data.toy_text import write_corpus
 
     corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=1000)
     out = tmp_path / "sweep"

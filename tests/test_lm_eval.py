@@ -24,7 +24,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from mixerzoo import build_model  # noqa: E402
 from mixerzoo.evals import lm_eval as mz_eval  # noqa: E402
 from mixerzoo.evals.lm_tasks import BUNDLED, TASKS_DIR, make_data  # noqa: E402
-from mixerzoo.tasks.tokenizer import byte_tokenizer  # noqa: E402
+from mixerzoo.data.tokenizers import byte_tokenizer  # noqa: E402
 
 MIXERS = ["softmax", "loglinear_adaptive"]
 TEXT = "the quick brown fox jumps over the lazy dog. " * 6

@@ -17,7 +17,7 @@ def _script():
 
 
 def test_parity_script_trains_both_sides_and_resumes(tmp_path, capsys):
-    from mixerzoo.tasks.toy_text import write_corpus
+    from mixerzoo.data.toy_text import write_corpus
 
     corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=400)
     out = tmp_path / "parity"

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from mixerzoo.tasks import text
-from mixerzoo.tasks.text import (
+from mixerzoo.data import cache as text
+from mixerzoo.data import (
     DataError,
     PackedSequences,
     TokenCorpus,
@@ -21,7 +21,7 @@ from mixerzoo.tasks.text import (
     tokenize_corpus,
     validation_mask,
 )
-from mixerzoo.tasks.tokenizer import (
+from mixerzoo.data.tokenizers import (
     EOS,
     TokenizerError,
     byte_tokenizer,

@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 from mixerzoo import list_mixers
 from mixerzoo.cli import main
 from mixerzoo.models.io import CheckpointError
-from mixerzoo.tasks.text import DataError
-from mixerzoo.tasks.tokenizer import TokenizerError
+from mixerzoo.data import DataError
+from mixerzoo.data.tokenizers import TokenizerError
 from mixerzoo.train import ConfigError, TrainConfig, Trainer, train
 from mixerzoo.train import checkpoint as ckpt_mod
 from mixerzoo.train.trainer import lr_at, no_decay_names
@@ -102,9 +102,9 @@ def _offline(monkeypatch):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """One generated corpus and its token cache, shared by every test here."""
-    from mixerzoo.tasks.text import tokenize_corpus
-    from mixerzoo.tasks.tokenizer import load_tokenizer
-    from mixerzoo.tasks.toy_text import write_corpus
+    from mixerzoo.data import tokenize_corpus
+    from mixerzoo.data.tokenizers import load_tokenizer
+    from mixerzoo.data.toy_text import write_corpus
 
     root = tmp_path_factory.mktemp("data")
     corpus = write_corpus(root / "corpus.jsonl", n_docs=300)
@@ -155,7 +155,7 @@ def test_every_mixer_trains_and_reloads_through_transformers(mixer, data, tmp_pa
     import mixerzoo
     import mixerzoo.models.hf  # noqa: F401  (registers the model with the Auto classes)
     from mixerzoo import build_model
-    from mixerzoo.tasks.tokenizer import load_tokenizer
+    from mixerzoo.data.tokenizers import load_tokenizer
 
     cfg = TrainConfig(mixer=mixer, out=str(tmp_path / "run"), seq_len=32, batch_size=4, steps=3,
                       warmup_steps=1, lr=1e-2, log_every=1, val_every=3, save_every=3,

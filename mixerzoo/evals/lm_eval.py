@@ -29,7 +29,7 @@ except ImportError as e:  # lm-eval's HFLM also needs accelerate (lm-eval's own 
 
 from ..models.io import CheckpointError, load_model, resolve_checkpoint
 from ..registry import RegistryError
-from ..tasks.tokenizer import BYTE_VOCAB, TokenizerError, load_tokenizer
+from ..data.tokenizers import BYTE_VOCAB, TokenizerError, load_tokenizer
 from .lm_tasks import BUNDLED, TASKS_DIR
 
 # Our mixers have no position table, so no natural maximum; 2048 is lm-eval's usual window

@@ -9,6 +9,11 @@ from transformers import PretrainedConfig
 from ..ops.fused import check_kernels
 from .init import check_init, check_rule
 
+
+class CheckpointError(RuntimeError):
+    """A saved model cannot be loaded as it is; the message says which file and why."""
+
+
 # Fields without which a saved config cannot describe the model it came from: the constructor's
 # defaults for them exist for code that builds a config by hand, never for filling a file's gaps.
 REQUIRED_FIELDS = ("layers", "d_model", "vocab_size", "mlp_hidden")
@@ -102,8 +107,6 @@ class MixerZooConfig(PretrainedConfig):
         """A config read from a file (``from_pretrained``, ``AutoConfig``): every field that
         shapes the model must be there and valid, since a constructor default filled in for a
         missing one would build a different model than the one saved."""
-        from .io import CheckpointError
-
         where = f"config {kwargs.get('name_or_path') or config_dict.get('_name_or_path') or ''}".strip()
         try:
             cls._check_loaded(config_dict, kwargs, where)

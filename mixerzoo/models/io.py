@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .config import (
+    CheckpointError,  # raised by the config reader too; importable from here
+)
 
-class CheckpointError(RuntimeError):
-    """A saved model cannot be loaded as it is; the message says which file and why."""
+__all__ = ["CheckpointError", "load_model", "resolve_checkpoint"]
 
 
 def load_model(path: str | Path, **kwargs: Any):

@@ -141,8 +141,8 @@ class Trainer:
                               f"{self.run_dir} or choose another --out")
 
     def _build_data(self) -> None:
-        from ..tasks.text import PackedSequences, tokenize_corpus
-        from ..tasks.tokenizer import load_tokenizer, token_byte_lengths
+        from ..data import PackedSequences, tokenize_corpus
+        from ..data.tokenizers import load_tokenizer, token_byte_lengths
 
         cfg, d = self.cfg, self.d
         self.tokenizer = load_tokenizer(cfg.tokenizer)

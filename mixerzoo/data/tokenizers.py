@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .sources import iter_documents
+
 EOS = "<|endoftext|>"
 BYTE_VOCAB = 257  # 256 bytes + EOS
 
@@ -101,13 +103,12 @@ def train_bpe(
     progress: bool = True,
 ):
     """Train a byte-level BPE of ``vocab_size`` tokens on the documents of ``data`` (anything
-    :func:`mixerzoo.tasks.text.iter_documents` reads), save it to ``out_dir`` with
+    :func:`mixerzoo.data.iter_documents` reads), save it to ``out_dir`` with
     ``save_pretrained`` and return it. EOS (``<|endoftext|>``) is a special token and also
     the BOS and pad token. ``out_dir`` must not exist or be empty."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .text import iter_documents
 
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size <= BYTE_VOCAB:
         raise ValueError(

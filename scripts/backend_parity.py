@@ -1,6 +1,6 @@
 """Train one model twice, identical but for the log-linear backend, and compare loss curves.
 
-    python scripts/backend_parity.py --size 125m --steps 300 --out results/parity
+    python scripts/backend_parity.py --size 125m --steps 300 --out results/backend_parity
 
 Same seed, same initial weights, same MQAR batches; only ``backend`` of the log-linear
 mixers differs ("triton" vs "torch"). Writes parity.json (both curves, max and mean
@@ -58,7 +58,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="results/parity")
+    p.add_argument("--out", default="results/backend_parity")
     args = p.parse_args()
     curves, times = {}, {}
     curves["triton"], init, times["triton"] = train("triton", args, None)

@@ -6,7 +6,9 @@
 #   usage: scripts/lm_sweep.sh DATA TOKENIZER OUT [STEPS] [SIZE] [SEEDS]
 #   e.g.   scripts/lm_sweep.sh corpus/ tok/ results/lm_sweep 400 125m 3
 # Each rate is one scripts/lm_compare.sh folder, OUT/lr<rate>/, sharing one token cache; MIXERS,
-# TRAIN_ARGS and EVAL_ARGS pass through to it. Resumable like it: rerun with the same OUT and
+# TRAIN_ARGS, EVAL_ARGS and EVAL (0: no lm-eval) pass through to it. Only the rates of LRS and the
+# mixers of MIXERS are read back: a rate dropped from LRS stays on disk but out of the choice. A
+# run whose loss diverged counts as the worst at its rate. Resumable like it: rerun with the same OUT and
 # finished runs are kept, the others resumed, so the sweep can be spread over several sittings
 # (copy OUT's run folders back in between). Exit status 1 when a run failed or a mixer's sweep
 # is not complete (its seeds at the best rate then wait for a rerun).
@@ -26,7 +28,8 @@ for lr in $LRS; do
   echo "=== learning rate $lr, seed 0"
   lane "$lr" 1 || status=1
 done
-best=$(python3 -m mixerzoo.evals.lm_summary "$OUT" --best-lrs) || { echo "could not read the sweep"; exit 1; }
+best=$(python3 -m mixerzoo.evals.lm_summary "$OUT" --best-lrs --lrs "$LRS" --mixers "$MIXERS") \
+  || { echo "could not read the sweep"; exit 1; }
 ready=0
 while read -r m lr; do
   [ -n "$m" ] || continue
@@ -44,6 +47,6 @@ while read -r m lr; do
 done <<< "$best"
 if [ ${#runs[@]} -gt 0 ]; then
   python3 -m mixerzoo.cli compare "${runs[@]}" --out "$OUT/compare" --title "LM comparison at each mixer's best lr, $SIZE, $STEPS steps" || status=1
-  python3 -m mixerzoo.evals.lm_summary "$OUT" --sweep || status=1
+  python3 -m mixerzoo.evals.lm_summary "$OUT" --sweep --lrs "$LRS" --mixers "$MIXERS" || status=1
 fi
 exit $status

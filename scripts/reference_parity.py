@@ -15,12 +15,15 @@ zoo side is built at that width, so both have the same shape.
 Writes OUT/parity.json (every curve, the final held-out losses and their gaps), parity.csv,
 parity.md and parity.png; each finished run is kept in OUT/runs/<pair>_lr<lr>_<side>.json,
 so a rerun (after a kill, or on another machine with those files copied back) trains only
-what is missing. Exit status 1 when a pair's final gap exceeds ``--tolerance`` (0.03 nats).
+what is missing: a saved run counts while its settings, the data's content, the tokenizer and
+the code's commit are unchanged. Exit status 1 when a pair's final gap exceeds
+``--tolerance`` (0.03 nats) or a pair could not run (its reference does not import).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import platform
@@ -37,7 +40,7 @@ from mixerzoo.evals.references import REFERENCES, reference_logits, reference_ml
 from mixerzoo.files import write_csv_atomic, write_json_atomic, write_text_atomic
 from mixerzoo.models.build import build_config, weight_decay_groups
 from mixerzoo.data import PackedSequences, tokenize_corpus
-from mixerzoo.data.tokenizers import load_tokenizer
+from mixerzoo.data.tokenizers import load_tokenizer, tokenizer_fingerprint
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -119,9 +122,12 @@ def train_one(model, forward, train: PackedSequences, val, args, lr: float, devi
     opt = torch.optim.AdamW(weight_decay_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, args))
     losses, vals = [], []
+    seen = hashlib.sha256()  # of every batch, in order: both sides of a pair must see the same
     t0 = time.time()
     for step in range(args.steps):
-        x = train.batch(step * args.batch_size, args.batch_size).to(device)
+        x = train.batch(step * args.batch_size, args.batch_size)
+        seen.update(x.numpy().tobytes())
+        x = x.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = next_token_loss(forward(model, x), x)
         loss.backward()
@@ -138,7 +144,8 @@ def train_one(model, forward, train: PackedSequences, val, args, lr: float, devi
     seconds = time.time() - t0
     return {"train_loss": losses, "val": vals, "final_val_loss": vals[-1]["val_loss"] if vals else float("nan"),
             "steps": len(losses), "finished": len(losses) == args.steps and math.isfinite(losses[-1]),
-            "params": sum(p.numel() for p in model.parameters()), "seconds": seconds}
+            "params": sum(p.numel() for p in model.parameters()), "seconds": seconds,
+            "batches_sha256": seen.hexdigest()}
 
 
 def _commit() -> str:
@@ -185,8 +192,12 @@ def main(argv=None) -> int:
         print(f"note: the validation split has {len(val)} windows; using all of them", file=sys.stderr)
         args.val_windows = len(val)
     vocab = len(tokenizer)
-    setting = {k: v for k, v in vars(args).items() if k not in ("out", "cache", "device", "tolerance")}
-    results = []
+    # what a saved run depends on, besides its pair, rate and side (in its file name): a saved
+    # run is kept only while all of it is unchanged (the code's commit included)
+    setting = {k: v for k, v in vars(args).items()
+               if k not in ("out", "cache", "device", "tolerance", "pairs", "lrs", "data", "tokenizer")}
+    setting.update(data=corpus.fingerprint, tokenizer=tokenizer_fingerprint(tokenizer), commit=_commit())
+    results, skipped = [], []
     for name in args.pairs:
         for lr in args.lrs:
             for side in ("zoo", "reference"):
@@ -201,6 +212,7 @@ def main(argv=None) -> int:
                     zoo, ref = build_pair(name, args, vocab)
                 except ImportError as e:
                     print(f"== {name}: the reference is not importable here ({e}); skipped")
+                    skipped.append(name)
                     break
                 model = zoo if side == "zoo" else ref
                 forward = (lambda m, x: m(input_ids=x).logits) if side == "zoo" else reference_logits
@@ -218,6 +230,8 @@ def main(argv=None) -> int:
         for lr in args.lrs:
             got = {r["side"]: r for r in results if r["pair"] == name and r["lr"] == lr}
             if set(got) != {"zoo", "reference"}:
+                if name not in skipped:
+                    skipped.append(name)
                 continue
             gap = got["zoo"]["final_val_loss"] - got["reference"]["final_val_loss"]
             ok = got["zoo"]["finished"] and got["reference"]["finished"] and abs(gap) <= args.tolerance
@@ -246,8 +260,9 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     if failed:
         print(f"gap above {args.tolerance} nats (or a run unfinished): {', '.join(failed)}")
-        return 1
-    return 0
+    if skipped:
+        print(f"not compared (the reference did not run here): {', '.join(skipped)}")
+    return 1 if failed or skipped else 0
 
 
 if __name__ == "__main__":

@@ -155,3 +155,25 @@ def test_mqar_width_builds_every_mixer_at_every_width():
     for d in cfg.d_models:
         for mixer in cfg.mixers:
             _build(mixer, cfg, cfg.task, d)  # a mixer too large for the width fails here
+
+
+def test_a_run_key_follows_what_the_mixer_name_stands_for():
+    # a name that comes to mean another model (other options, another init rule) must not
+    # match the runs of the old one when a sweep is resumed
+    import torch
+
+    from mixerzoo.evals.synthetic.presets import preset
+    from mixerzoo.evals.synthetic.sweep import plan_runs
+    from mixerzoo.registry import REGISTRY, register_mixer
+
+    cfg = preset("demo", mixers=("key_probe",))
+    keys = []
+    try:
+        for init, options in ((None, {}), ("llama", {}), ("llama", {"lambda_mode": "fixed"})):
+            register_mixer("key_probe", "mixerzoo.mixers.loglinear:LogLinearMamba2", init=init, overwrite=True,
+                           **options)
+            keys.append(plan_runs(cfg, ["key_probe"], torch.device("cpu"))[0].key)
+    finally:
+        if "key_probe" in REGISTRY.names():
+            REGISTRY.remove("key_probe")
+    assert len(set(keys)) == 3

@@ -93,13 +93,24 @@ def test_learning_rate_sweep_picks_each_mixers_best_rate(tmp_path, capsys):
     run("3e-4", "softmax", 0, 1.6)
     run("1e-3", "softmax", 0, 1.4)
     run("1e-3", "softmax", 1, 1.5)
-    run("3e-3", "softmax", 0, float("nan"))  # diverged: never the best
+    run("3e-3", "softmax", 0, 1.0, steps=3)
+    # diverged as the trainer leaves it: the last logged loss is nan and the run stopped early
+    metrics = tmp_path / "lr3e-3" / "softmax_s0" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + json.dumps({"step": 4, "loss": float("nan")}) + "\n")
     run("3e-4", "mamba2", 0, 1.3)
     run("1e-3", "mamba2", 0, 1.35)
     run("3e-3", "mamba2", 0, 1.2, steps=4)  # unfinished at one rate: mamba2 is not ready
     sweep = collect_sweep(tmp_path)
     assert sorted(sweep) == [3e-4, 1e-3, 3e-3]
     assert best_lrs(sweep) == {"softmax": 1e-3, "mamba2": None}
+    # only the rates and mixers asked for: without the unfinished 3e-3, mamba2 has its best rate
+    assert best_lrs(collect_sweep(tmp_path, [3e-4, 1e-3], ["mamba2"]), ["mamba2"]) == {"mamba2": 3e-4}
+    assert main([str(tmp_path), "--best-lrs", "--lrs", "3e-4 1e-3", "--mixers", "mamba2"]) == 0
+    assert capsys.readouterr().out == "mamba2 3e-4\n"
+    (tmp_path / "lr0.001").mkdir()  # the same rate spelt twice
+    with pytest.raises(ValueError, match="same learning rate"):
+        collect_sweep(tmp_path)
+    (tmp_path / "lr0.001").rmdir()
     assert main([str(tmp_path), "--best-lrs"]) == 0
     captured = capsys.readouterr()
     assert captured.out == "softmax 1e-3\n" and "mamba2: the sweep has no finished" in captured.err

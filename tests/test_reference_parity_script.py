@@ -32,10 +32,19 @@ def test_parity_script_trains_both_sides_and_resumes(tmp_path, capsys):
     assert row["zoo_params"] == row["reference_params"]  # the same shape on both sides
     runs = {r["side"]: r for r in result["runs"]}
     assert [v["step"] for v in runs["zoo"]["val"]] == [2, 4] and runs["reference"]["finished"]
+    assert runs["zoo"]["batches_sha256"] == runs["reference"]["batches_sha256"]  # the same batches
     assert (out / "parity.png").is_file() and "| `softmax` |" in (out / "parity.md").read_text()
     capsys.readouterr()
 
     assert parity.main(args) == 0
     assert capsys.readouterr().out.count("finished earlier") == 2
+    # another pair list keeps the finished pair's runs; a pair whose reference cannot run here
+    # (mamba-ssm is not installed) is reported and makes the exit status 1
+    import importlib.util as iu
+
+    if iu.find_spec("mamba_ssm") is None:
+        assert parity.main(args[:5] + ["softmax,mamba2"] + args[6:]) == 1
+        out = capsys.readouterr().out
+        assert out.count("finished earlier") == 2 and "not compared" in out and "mamba2" in out
     # the same runs judged with a tolerance no pair can meet
     assert parity.main(args[:-1] + ["0"]) == 1 or abs(row["gap"]) == 0

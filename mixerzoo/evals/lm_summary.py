@@ -69,8 +69,10 @@ def collect_runs(out_dir: str | Path) -> list[dict[str, Any]]:
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         target = config.get("steps")
         row = compare_runs({run.name: records})["runs"][run.name]
+        # the trainer stops a run whose loss is no longer finite, after logging that loss
+        diverged = any(isinstance(r.get("loss"), float) and not math.isfinite(r["loss"]) for r in records)
         rows.append({"mixer": m["mixer"], "seed": int(m["seed"]), "run": run.name, "target_steps": target,
-                     "lr": config.get("lr"),
+                     "lr": config.get("lr"), "diverged": diverged,
                      "split_seed": saved_split_seed(config) if config else None,
                      "finished": target is not None and row["steps"] >= target, **row,
                      **lm_eval_metrics(out_dir / f"eval_{run.name}")})
@@ -138,42 +140,58 @@ def write_summary(out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-def sweep_folders(out_dir: str | Path) -> dict[float, Path]:
-    """``{lr: folder}`` for the ``lr{lr}/`` folders of a sweep."""
+def sweep_folders(out_dir: str | Path, lrs: list[float] | None = None) -> dict[float, Path]:
+    """``{lr: folder}`` for the ``lr{lr}/`` folders of a sweep (only the rates ``lrs`` when
+    given; each of them must have its folder)."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"{out_dir} is not a folder (give the OUT of scripts/lm_sweep.sh)")
-    found = {}
+    found: dict[float, Path] = {}
     for sub in sorted(out_dir.iterdir()):
         m = _LR_DIR.match(sub.name)
-        if sub.is_dir() and m:
-            try:
-                found[float(m["lr"])] = sub
-            except ValueError:
-                continue  # a folder named like lr-x is not a rate
-    return found
+        if not (sub.is_dir() and m):
+            continue
+        try:
+            lr = float(m["lr"])
+        except ValueError:
+            continue  # a folder named like lr-x is not a rate
+        if lr in found:
+            raise ValueError(f"{found[lr]} and {sub} hold the same learning rate {lr:g}; merge or remove one")
+        found[lr] = sub
+    if lrs is None:
+        return found
+    missing = [f"{lr:g}" for lr in lrs if lr not in found]
+    if missing:
+        raise FileNotFoundError(f"{out_dir} has no folder for the learning rate(s) {missing} (lr<rate>/)")
+    return {lr: found[lr] for lr in lrs}
 
 
-def collect_sweep(out_dir: str | Path) -> dict[float, list[dict[str, Any]]]:
-    """``{lr: runs}`` from the ``lr{lr}/`` folders of a sweep (see :func:`collect_runs`)."""
-    return {lr: collect_runs(folder) for lr, folder in sweep_folders(out_dir).items()}
+def collect_sweep(out_dir: str | Path, lrs: list[float] | None = None,
+                  mixers: list[str] | None = None) -> dict[float, list[dict[str, Any]]]:
+    """``{lr: runs}`` from the ``lr{lr}/`` folders of a sweep (see :func:`collect_runs`),
+    restricted to the rates ``lrs`` and the mixers ``mixers`` when given."""
+    return {lr: [r for r in collect_runs(folder) if mixers is None or r["mixer"] in mixers]
+            for lr, folder in sweep_folders(out_dir, lrs).items()}
 
 
 def _final_loss(row: dict[str, Any]) -> float:
     value = row.get("final_val_loss")
+    if row.get("diverged"):
+        return math.inf
     return value if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
 
 
-def best_lrs(sweep: dict[float, list[dict[str, Any]]]) -> dict[str, float | None]:
-    """Each mixer's learning rate of lowest final validation loss over its finished seed-0 runs;
-    None while a swept rate has no finished seed-0 run of that mixer (a diverged run counts,
-    as an infinite loss)."""
-    mixers = dict.fromkeys(r["mixer"] for rows in sweep.values() for r in rows)
+def best_lrs(sweep: dict[float, list[dict[str, Any]]], mixers: list[str] | None = None) -> dict[str, float | None]:
+    """Each mixer's learning rate of lowest final validation loss over its seed-0 runs, the
+    finished and the diverged (an infinite loss); None while a swept rate has neither for that
+    mixer. ``mixers`` (default: every mixer found) fixes the order and the names."""
+    mixers = list(dict.fromkeys(r["mixer"] for rows in sweep.values() for r in rows)) if mixers is None else mixers
     best: dict[str, float | None] = {}
     for mixer in mixers:
-        seed0 = {lr: next((r for r in rows if r["mixer"] == mixer and r["seed"] == 0 and r["finished"]), None)
+        seed0 = {lr: next((r for r in rows if r["mixer"] == mixer and r["seed"] == 0
+                           and (r["finished"] or r["diverged"])), None)
                  for lr, rows in sweep.items()}
-        if any(r is None for r in seed0.values()):
+        if any(r is None for r in seed0.values()) or all(_final_loss(r) == math.inf for r in seed0.values()):
             best[mixer] = None
         else:
             best[mixer] = min(seed0, key=lambda lr: (_final_loss(seed0[lr]), lr))
@@ -194,22 +212,24 @@ def format_sweep_markdown(sweep: dict[float, list[dict[str, Any]]], best: dict[s
                 cells.append("–")
             else:
                 value = _final_loss(row)
-                text = "diverged" if value == math.inf else f"{value:.4f}"
-                cells.append(text if row["finished"] else f"{text} (unfinished)")
+                text = "diverged" if row.get("diverged") or value == math.inf else f"{value:.4f}"
+                cells.append(text if row["finished"] or row.get("diverged") else f"{text} (unfinished)")
         lines.append(f"| `{mixer}` | " + " | ".join(cells) + f" | {'–' if lr_best is None else f'{lr_best:g}'} |")
     lines += ["", "At each mixer's best learning rate, over its seeds:", "",
               format_markdown(summarise_lm(at_best), at_best)]
     return "\n".join(lines)
 
 
-def write_sweep(out_dir: str | Path) -> dict[str, Path]:
+def write_sweep(out_dir: str | Path, lrs: list[float] | None = None,
+                mixers: list[str] | None = None) -> dict[str, Path]:
     """sweep.json (every run, the best rates, per-mixer statistics at them), sweep.csv (the
-    runs at the best rates) and sweep.md (both tables)."""
+    runs at the best rates) and sweep.md (both tables), over ``lrs`` and ``mixers`` (default:
+    every rate folder and every mixer found)."""
     out_dir = Path(out_dir)
-    sweep = collect_sweep(out_dir)
+    sweep = collect_sweep(out_dir, lrs, mixers)
     if not any(sweep.values()):
         raise FileNotFoundError(f"{out_dir} holds no lr*/{{mixer}}_s{{seed}} run with a metrics.jsonl")
-    best = best_lrs(sweep)
+    best = best_lrs(sweep, mixers)
     at_best = [r for m, lr in best.items() if lr is not None for r in sweep[lr] if r["mixer"] == m]
     paths = {"json": out_dir / "sweep.json", "csv": out_dir / "sweep.csv", "md": out_dir / "sweep.md"}
     write_json_atomic(paths["json"], {"best_lr": best, "mixers": summarise_lm(at_best),
@@ -226,16 +246,27 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--sweep", action="store_true", help="OUT holds lr*/ folders: write sweep.{json,csv,md}")
     mode.add_argument("--best-lrs", action="store_true",
                       help="print 'mixer lr' for each mixer whose sweep is complete (the others to stderr)")
+    parser.add_argument("--lrs", default=None, help="with --sweep / --best-lrs: only these rates (e.g. '3e-4 1e-3')")
+    parser.add_argument("--mixers", default=None, help="with --sweep / --best-lrs: only these mixers")
     args = parser.parse_args(argv)
+    lrs = mixers = None
+    if args.lrs is not None:
+        try:
+            lrs = [float(v) for v in args.lrs.replace(",", " ").split()]
+        except ValueError:
+            parser.error(f"--lrs must be numbers separated by spaces or commas, got {args.lrs!r}")
+    if args.mixers is not None:
+        mixers = args.mixers.replace(",", " ").split()
     if args.best_lrs:
-        folders = sweep_folders(args.out_dir)
-        for mixer, lr in best_lrs(collect_sweep(args.out_dir)).items():
+        folders = sweep_folders(args.out_dir, lrs)
+        for mixer, lr in best_lrs(collect_sweep(args.out_dir, lrs, mixers), mixers).items():
             if lr is None:
-                print(f"{mixer}: the sweep has no finished seed-0 run at every rate yet", file=sys.stderr)
+                print(f"{mixer}: the sweep has no finished (or diverged) seed-0 run at every rate yet, "
+                      "or every rate diverged", file=sys.stderr)
             else:
                 print(f"{mixer} {folders[lr].name[2:]}")  # the rate as its folder spells it
         return 0
-    paths = write_sweep(args.out_dir) if args.sweep else write_summary(args.out_dir)
+    paths = write_sweep(args.out_dir, lrs, mixers) if args.sweep else write_summary(args.out_dir)
     print(paths["md"].read_text(), end="")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

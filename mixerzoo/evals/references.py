@@ -93,9 +93,10 @@ def _mamba_ssm(cfg, mixer) -> nn.Module:
 
     ssm_cfg = {"layer": "Mamba2", "d_state": mixer.d_state, "d_conv": mixer.d_conv, "expand": mixer.expand,
                "headdim": mixer.head_dim, "ngroups": mixer.ngroups, "chunk_size": mixer.chunk_size}
+    # fused_add_norm off: its Triton kernel needs CUDA, and the plain norm is the same math
     mcfg = MambaConfig(d_model=cfg.d_model, d_intermediate=cfg.mlp_hidden, n_layer=cfg.n_layers,
                        vocab_size=cfg.vocab_size, ssm_cfg=ssm_cfg, rms_norm=True, residual_in_fp32=True,
-                       fused_add_norm=torch.cuda.is_available(), pad_vocab_size_multiple=1, tie_embeddings=True)
+                       fused_add_norm=False, pad_vocab_size_multiple=1, tie_embeddings=True)
     return lm_class(mcfg, initializer_cfg={"initializer_range": cfg.initializer_range})
 
 

@@ -40,8 +40,8 @@ def preset(
     - ``"quick"``: lengths 64/128/256 (4/8/16 kv pairs, vocabulary 1024), two lrs, one seed,
       up to 2000 steps per run; minutes on a GPU.
     - ``"full"``: Zoology's Figure 2 grid: vocabulary 8192, lengths 64–512 with 4–64 kv
-      pairs, widths 64/128/256, four lrs, three seeds, up to 10k steps at batch 256 (864 runs
-      for six mixers: GPU hours; early stopping cuts most of them short).
+      pairs, widths 64/128/256, four lrs, three seeds, up to 10k steps at batch 256 (144 runs
+      per mixer: GPU hours; early stopping cuts most of them short).
 
     ``task`` is a task name or config; ``task_options`` change task fields; any other keyword
     replaces a :class:`SyntheticRunConfig` field (``mixers=("softmax",)``, ``device="cuda"``).

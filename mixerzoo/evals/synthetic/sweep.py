@@ -44,9 +44,25 @@ class RunSpec:
     key: str
 
 
+def _model_identity(mixer: str) -> dict[str, Any]:
+    """What a mixer name stands for today (its class, options and initialisation rule): a name
+    that comes to mean another model (as ``loglinear_adaptive`` did, or every mixer when the
+    reference initialisation came in) must not match runs of the old one."""
+    from mixerzoo.registry import get_mixer_spec
+
+    spec = get_mixer_spec(mixer)
+    return {"class": spec.class_path, "options": spec.options, "init": spec.init, "version": MODEL_VERSION}
+
+
+# Raised when what every model is changes without the registry entries showing it.
+# 2: reference initialisation (2026-12-08).
+MODEL_VERSION = 2
+
+
 def plan_runs(cfg: SyntheticRunConfig, mixers: list[str], device: torch.device) -> list[RunSpec]:
     """Every run of the sweep in order, each with the hash of what its result depends on."""
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_IN_KEY}
+    models = {m: _model_identity(m) for m in mixers}
     specs = []
     for seq_len in cfg.seq_lens:
         task = cfg.task_for(seq_len).to_dict()
@@ -54,8 +70,8 @@ def plan_runs(cfg: SyntheticRunConfig, mixers: list[str], device: torch.device) 
             for mixer in mixers:
                 for seed in cfg.seeds:
                     for lr in cfg.learning_rates:
-                        what = {"mixer": mixer, "seq_len": seq_len, "d_model": d_model, "seed": seed,
-                                "lr": lr, "task": task, "device_type": device.type, **shared}
+                        what = {"mixer": mixer, "model": models[mixer], "seq_len": seq_len, "d_model": d_model,
+                                "seed": seed, "lr": lr, "task": task, "device_type": device.type, **shared}
                         key = hashlib.sha256(json.dumps(jsonable(what), sort_keys=True).encode()).hexdigest()[:16]
                         specs.append(RunSpec(len(specs), mixer, seq_len, d_model, seed, lr, key))
     return specs

@@ -24,7 +24,8 @@ The properties, in the order they are checked:
   carries them into the past. Skip it with ``skip=("causality_nonfinite",)`` where a mixer
   only promises causality for finite input.
 - ``step``: with ``init_state`` / ``step``, stepping token by token from ``init_state``
-  equals forward (skipped when they raise ``NotImplementedError``).
+  equals forward (skipped when they raise ``NotImplementedError``, and with a warning when the
+  module has no such methods: a plain causal ``nn.Module`` is a mixer that does not decode).
 - ``prefill``: ``prefill`` of ``x[:, :split]`` from ``init_state``, then ``prefill`` of the
   rest, and steps of the rest, equal forward.
 - ``state_size``: ``state_size(T)`` equals the elements actually held in the state after
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -351,6 +353,12 @@ class _Checker:
 
     def decoding(self, mixer: nn.Module) -> bool:
         """step, prefill and state_size; False when the mixer does not decode."""
+        missing = [m for m in ("init_state", "step") if not callable(getattr(mixer, m, None))]
+        if missing:
+            # any causal nn.Module is a mixer; decoding is the optional part of the contract
+            warnings.warn(f"{self.label}: no {' / '.join(missing)}, so the decoding checks (step, prefill, "
+                          "state_size) were skipped; subclass mixerzoo.mixers.base.Mixer to decode", stacklevel=3)
+            return False
         x = self.randn(self.B, self.T, self.d)
         a = self.split
         with torch.no_grad():

@@ -266,7 +266,8 @@ def test_a_plain_module_without_forward_normed_passes():
         def forward(self, x):
             return self.proj(x)
 
-    check_mixer(Plain, skip=("step", "prefill", "state_size"))
+    with pytest.warns(UserWarning, match="decoding checks .* were skipped"):
+        check_mixer(Plain)
 
 
 def test_a_plain_callable_factory():

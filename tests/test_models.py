@@ -162,3 +162,36 @@ def test_bad_input_ids():
         model(torch.randn(2, 5))
     with pytest.raises(ValueError, match="padded"):
         model(torch.ones(1, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1]]))
+
+
+@pytest.mark.parametrize("order", ["mixerzoo first", "transformers first"])
+def test_bare_import_registers_the_auto_classes_cheaply(tmp_path, order):
+    import subprocess
+    import sys
+
+    mixerzoo.build_model("softmax", size="tiny").save_pretrained(tmp_path / "ckpt")
+    first, second = "import mixerzoo", "from transformers import AutoConfig, AutoModelForCausalLM"
+    if order == "transformers first":
+        first, second = second, first
+    code = (f"import sys\n{first}\n"
+            "light = 'transformers' not in sys.modules and 'torch' not in sys.modules\n"
+            f"{second}\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ckpt')!r})\n"
+            f"print(type(m).__name__, AutoConfig.from_pretrained({str(tmp_path / 'ckpt')!r}).model_type, light)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    name, model_type, light = out.stdout.split()[-3:]
+    assert (name, model_type) == ("MixerZooForCausalLM", "mixerzoo")
+    assert light == ("True" if order == "mixerzoo first" else "False")
+
+
+def test_load_model_takes_a_run_folder(tmp_path):
+    model = mixerzoo.build_model("mamba2", size="tiny")
+    model.save_pretrained(tmp_path / "run" / "checkpoints" / "step_00000002")
+    (tmp_path / "run" / "latest").write_text("step_00000002\n")
+    loaded = mixerzoo.load_model(tmp_path / "run")
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    (tmp_path / "run" / "latest").write_text("step_00000009\n")
+    with pytest.raises(CheckpointError, match="step_00000009"):
+        mixerzoo.load_model(tmp_path / "run")

@@ -16,12 +16,16 @@ __all__ = ["CheckpointError", "load_model", "resolve_checkpoint"]
 def load_model(path: str | Path, **kwargs: Any):
     """``MixerZooForCausalLM.from_pretrained(path)`` that refuses corrupt or partial checkpoints.
 
+    ``path`` is a checkpoint folder (``save_pretrained`` output) or a training run folder (the
+    ``--out`` of ``mixerzoo train``: its newest checkpoint), as ``mixerzoo eval --model`` takes.
     transformers fills weights missing from a checkpoint with fresh random ones and only logs a
     warning; here any missing or unexpected key is an error.
     """
     from .hf import MixerZooForCausalLM
 
     path = Path(path)
+    if (path / "latest").is_file():
+        path = resolve_checkpoint(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; pass the folder written by save_pretrained")
     cfg = path / "config.json"

@@ -819,3 +819,40 @@ def test_seeds_share_the_validation_documents_and_old_runs_keep_theirs(data, tmp
     args = argparse.Namespace(resume=str(run), config=None, split_seed=9)
     with pytest.raises(ConfigError, match="split_seed: 3 -> 9"):
         Trainer(config_from_args(args)[0], resume=True)
+
+
+# --- a kill in the middle of a write -------------------------------------------------------------
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(reference, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "latest").write_text("step_00000004\n")  # killed after its first checkpoint ...
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "loss": 3.1')  # ... while appending a line
+    with pytest.warns(UserWarning, match="metrics.jsonl: its last line is cut short"):
+        assert main(["compare", f"torn={run}", f"ref={reference}", "--out", str(tmp_path / "cmp")]) == 0
+    assert main(["train", "--resume", str(run)]) == 0
+    assert _train_losses(run) == _train_losses(reference)  # the same curve, every step once
+
+
+def test_a_damaged_metrics_line_is_named(tmp_path):
+    from mixerzoo.train.metrics import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a JSON record"):
+        read_metrics(path)
+
+
+def test_a_cut_rng_file_is_named(reference, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    rng = run / "checkpoints" / "step_00000004" / "trainer" / "rng_rank0.safetensors"
+    (run / "latest").write_text("step_00000004\n")
+    rng.write_bytes(rng.read_bytes()[:40])
+    err = _cli_error(["--resume", str(run)], capsys)
+    assert "rng_rank0.safetensors" in err and "cannot read the RNG state" in err

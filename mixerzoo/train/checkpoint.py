@@ -218,7 +218,11 @@ def load_rng(ckpt: Path, d: Dist) -> None:
     path = ckpt / "trainer" / f"rng_rank{d.rank}.safetensors"
     if not path.is_file():
         path = ckpt / "trainer" / "rng_rank0.safetensors"
-    rng = load_file(str(path))
+    try:
+        rng = load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read the RNG state ({type(e).__name__}: {e}); the checkpoint "
+                              "is corrupt or was cut short: resume from an earlier checkpoint") from e
     torch.set_rng_state(rng["cpu"])
     if d.device.type == "cuda" and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"], d.device)

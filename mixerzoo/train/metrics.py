@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,10 @@ class MetricsLog:
     def _truncate(self, after: int) -> None:
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and after and json.loads(line)["step"] <= after]
+        # what the resumed run re-logs is dropped, and so is a last line a kill cut short
+        keep = [r for r in read_metrics(self.path) if after and r["step"] <= after]
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         os.replace(tmp, self.path)
 
     def train(self, step: int, values: dict[str, Any]) -> None:
@@ -81,7 +82,28 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a ``metrics.jsonl``, one per line.
+
+    A last line cut short (the process was killed while appending it: no newline after it) is
+    left out with a warning; any other unreadable line is an error naming the file and line.
+    """
+    path = Path(path)
+    text = path.read_text()
+    lines = text.split("\n")
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            if i == len(lines) and not text.endswith("\n"):
+                warnings.warn(f"{path}: its last line is cut short (a kill while it was written) and "
+                              f"is left out: {line[:60]!r}", stacklevel=2)
+                continue
+            raise ValueError(f"{path}, line {i}: not a JSON record ({e}); the file is damaged: "
+                             "remove that line (later lines stay usable)") from e
+    return records
 
 
 def plot_loss(records: list[dict[str, Any]], out: str | Path, label: str | None = None) -> None:

@@ -47,7 +47,18 @@ _AUTO_MODULE = "transformers.models.auto.modeling_auto"
 
 
 def _register_auto_classes() -> None:
-    from .models import hf  # noqa: F401  (its last lines register the config and the LM)
+    """Import the LM, whose last lines register it with transformers' Auto classes. Never fails
+    the import that called it: where the LM cannot be imported now (another thread importing it,
+    a broken install), it says so, and the LM registers itself whenever it is imported."""
+    if "mixerzoo.models.hf" in sys.modules:
+        return  # imported or being imported: it registers itself
+    try:
+        from .models import hf  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        import warnings
+
+        warnings.warn(f"mixerzoo could not register with transformers' Auto classes now "
+                      f"({type(e).__name__}: {e}); `import mixerzoo.models.hf` registers it", stacklevel=2)
 
 
 class _AutoClassesHook(importlib.abc.MetaPathFinder):
@@ -55,16 +66,20 @@ class _AutoClassesHook(importlib.abc.MetaPathFinder):
 
     It finds nothing itself: for transformers' auto-model module it asks the other finders for
     the real spec and wraps its loader, so that the registration follows the module's own code.
+    It leaves ``sys.meta_path`` once that module has run.
     """
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != _AUTO_MODULE:
+        if fullname != _AUTO_MODULE or getattr(self, "_looking", False):
             return None
-        sys.meta_path.remove(self)  # once, and not for the lookup below
-        spec = importlib.util.find_spec(fullname)
+        self._looking = True  # the lookup below must not come back here
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._looking = False
         if spec is None or spec.loader is None:
             return spec
-        real = spec.loader
+        real, hook = spec.loader, self
 
         class _Loader(importlib.abc.Loader):
             def create_module(self, spec):
@@ -72,6 +87,8 @@ class _AutoClassesHook(importlib.abc.MetaPathFinder):
 
             def exec_module(self, module):
                 real.exec_module(module)
+                if hook in sys.meta_path:
+                    sys.meta_path.remove(hook)
                 _register_auto_classes()
 
         spec.loader = _Loader()
@@ -80,5 +97,5 @@ class _AutoClassesHook(importlib.abc.MetaPathFinder):
 
 if _AUTO_MODULE in sys.modules:
     _register_auto_classes()
-elif not any(isinstance(f, _AutoClassesHook) for f in sys.meta_path):
+elif not any(type(f).__name__ == "_AutoClassesHook" for f in sys.meta_path):
     sys.meta_path.insert(0, _AutoClassesHook())

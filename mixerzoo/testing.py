@@ -33,10 +33,10 @@ The properties, in the order they are checked:
   by prefills.
 - ``gradients``: ``forward(x).sum().backward()`` gives finite gradients for ``x`` and every
   parameter that requires one, and at least one nonzero parameter gradient.
-- ``forward_normed``: where the mixer has ``forward_normed(x, norm)`` (every
-  :class:`~mixerzoo.mixers.base.Mixer` does), it equals ``forward(norm(x))`` for the block's
-  RMSNorm (with a random gain), outputs and the gradients of ``x`` and the gain. A plain
-  ``nn.Module`` without it passes: the block then calls ``forward(norm(x))`` itself.
+- ``forward_normed``: for a :class:`~mixerzoo.mixers.base.Mixer` (the block calls its
+  ``forward_normed(x, norm)``), it equals ``forward(norm(x))`` for the block's RMSNorm (with
+  a random gain), outputs and the gradients of ``x`` and the gain. Any other module passes: the
+  block calls ``forward(norm(x))`` on it.
 """
 
 from __future__ import annotations
@@ -432,9 +432,11 @@ class _Checker:
         mixer.zero_grad(set_to_none=True)
 
     def forward_normed(self, mixer: nn.Module) -> None:
-        if not callable(getattr(mixer, "forward_normed", None)):
-            return
+        from .mixers.base import Mixer
         from .models.backbone import RMSNorm
+
+        if not isinstance(mixer, Mixer):
+            return  # the block calls forward(norm(x)) on any other module
 
         norm = RMSNorm(self.d, kernels=getattr(mixer, "kernels", "reference")).to(self.device, self.dtype)
         with torch.no_grad():

@@ -388,3 +388,34 @@ def test_softplus_gradient_from_its_output_is_exact_in_fp32():
     x = torch.tensor([-40.0, -5.0, -0.3, 0.0, 0.7, 6.0, 30.0], requires_grad=True)
     (g,) = torch.autograd.grad(pointwise.softplus(x).sum(), x)
     assert_close("dsoftplus", torch.sigmoid(x.detach()), g, 1e-6)
+
+
+def test_reference_kernels_keep_forward_hooks_and_user_kernel_options():
+    # the block reaches the mixer through __call__ whatever the kernels (hooks, compiled modules)
+    model = mixerzoo.build_model("mamba2", size="tiny", kernels="reference")
+    seen = []
+    model.blocks[0].mixer.register_forward_hook(lambda *a: seen.append(1))
+    model(torch.randint(0, 100, (1, 9)))
+    assert seen == [1]
+    # a user mixer's own option that happens to be called `kernels` is left alone
+    from torch import nn
+
+    from mixerzoo.mixers.base import Mixer
+
+    class Conv(Mixer):
+        def __init__(self, d_model, *, layer_idx=0, kernels: int = 4):
+            super().__init__(d_model, layer_idx=layer_idx)
+            self.kernels_n = kernels
+            self.proj = nn.Linear(d_model, d_model)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    mixerzoo.register_mixer("kernels_probe", Conv, kernels=3, overwrite=True)
+    try:
+        built = mixerzoo.build_model("kernels_probe", size="tiny", kernels="reference")
+        assert built.blocks[0].mixer.kernels_n == 3 and built.kernels == "reference"
+    finally:
+        from mixerzoo.registry import REGISTRY
+
+        REGISTRY.remove("kernels_probe")

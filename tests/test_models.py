@@ -195,3 +195,26 @@ def test_load_model_takes_a_run_folder(tmp_path):
     (tmp_path / "run" / "latest").write_text("step_00000009\n")
     with pytest.raises(CheckpointError, match="step_00000009"):
         mixerzoo.load_model(tmp_path / "run")
+
+
+def test_the_auto_registration_survives_a_probe_and_never_breaks_transformers(tmp_path):
+    import subprocess
+    import sys
+
+    mixerzoo.build_model("softmax", size="tiny").save_pretrained(tmp_path / "ckpt")
+    probe = ("import importlib.util, mixerzoo\n"
+             "importlib.util.find_spec('transformers.models.auto.modeling_auto')\n"  # a look, no import
+             "from transformers import AutoModelForCausalLM\n"
+             f"print(type(AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ckpt')!r})).__name__)\n")
+    broken = ("import sys, warnings, mixerzoo\n"
+              "sys.modules['mixerzoo.models.hf'] = None\n"  # mixerzoo's LM cannot be imported
+              "del sys.modules['mixerzoo.models.hf']\n"
+              "sys.modules['mixerzoo.ops.fused'] = None\n"
+              "with warnings.catch_warnings(record=True) as w:\n"
+              "    warnings.simplefilter('always')\n"
+              "    from transformers import AutoModelForCausalLM, LlamaConfig\n"
+              "print(AutoModelForCausalLM.__name__, any('could not register' in str(x.message) for x in w))\n")
+    for code, want in ((probe, "MixerZooForCausalLM"), (broken, "AutoModelForCausalLM True")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().endswith(want), out.stdout + out.stderr[-1000:]

@@ -856,3 +856,15 @@ def test_a_cut_rng_file_is_named(reference, tmp_path, capsys):
     rng.write_bytes(rng.read_bytes()[:40])
     err = _cli_error(["--resume", str(run)], capsys)
     assert "rng_rank0.safetensors" in err and "cannot read the RNG state" in err
+
+
+def test_a_resumed_run_keeps_its_kernels(data, tmp_path, monkeypatch):
+    values = {**data, **BASE, "steps": 4, "save_every": 2, "val_every": 2}
+    run = tmp_path / "run"
+    monkeypatch.setenv("MIXERZOO_FUSED", "0")
+    assert main(["train", *_flags(values), "--out", str(run)]) == 0
+    monkeypatch.delenv("MIXERZOO_FUSED")  # the default changes; the run's choice must not
+    (run / "latest").write_text("step_00000002\n")
+    assert main(["train", "--resume", str(run)]) == 0
+    saved = json.loads((run / "checkpoints" / "step_00000004" / "config.json").read_text())
+    assert saved["kernels"] == "reference"

@@ -62,6 +62,10 @@ class Mixer(nn.Module):
     "sdpa", "fla", "mamba_ssm", ...), so that ``model.backends()`` can report it.
     """
 
+    # True for mixers whose constructor takes ``kernels="fused" | "reference"`` (the model's
+    # choice of the small ops' implementation); the model passes its own only to those
+    accepts_kernels: bool = False
+
     def __init__(self, d_model: int, layer_idx: int = 0):
         super().__init__()
         self.d_model = d_model

@@ -37,6 +37,8 @@ class LinearAttention(Mixer):
     picks the output norm's implementation (fused op or plain code).
     """
 
+    accepts_kernels = True
+
     def __init__(
         self,
         d_model: int,

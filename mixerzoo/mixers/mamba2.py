@@ -95,6 +95,8 @@ class Mamba2(Mixer):
     passes its own.
     """
 
+    accepts_kernels = True
+
     def __init__(
         self,
         d_model: int,
@@ -303,7 +305,7 @@ class Mamba2(Mixer):
         other projections of the block input) when the fused ops are on: the normalised input
         is rebuilt in backward instead of kept."""
         if self.kernels != "fused" or self.in_proj.bias is not None or not hasattr(norm, "eps"):
-            return self.forward(norm(x))
+            return self(norm(x))  # through __call__: hooks and a compiled module still apply
         from mixerzoo.ops.norms import rms_norm_linear
 
         self.check_input(x)

@@ -44,6 +44,8 @@ class SoftmaxAttention(Mixer):
     rotary embedding's implementation (fused op or plain code).
     """
 
+    accepts_kernels = True
+
     def __init__(
         self,
         d_model: int,

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
 
 from ..ops.fused import check_kernels, default_kernels
 from ..registry import (
+    RegistryError,
     check_options,
     class_for_layer,
     get_mixer_spec,
@@ -56,6 +57,9 @@ def _plan_layers(
     for i in range(n_layers):
         name = names[i % len(names)]
         spec = get_mixer_spec(name)
+        if "kernels" in spec.options and getattr(resolve_mixer_class(name, spec), "accepts_kernels", False):
+            raise RegistryError(f"mixer {name!r}: its registry options set kernels={spec.options['kernels']!r}, "
+                                "a model option: build_model(..., kernels='fused' | 'reference')")
         cls = resolve_mixer_class(name, spec)
         options = size_defaults(cls, preset, {**spec.options, **(mixer_options or {})})
         check_options(name, cls, options)

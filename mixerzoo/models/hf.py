@@ -30,7 +30,7 @@ def _build_mixer(layer: dict[str, Any], d_model: int, layer_idx: int, kernels: s
     options = dict(layer.get("options") or {})
     check_options(name, cls, options)
     check_option_types(name, cls, options)
-    if "kernels" in accepted_options(cls)[0]:
+    if getattr(cls, "accepts_kernels", False) and "kernels" in accepted_options(cls)[0]:
         options["kernels"] = kernels  # the model's choice, for every mixer that has such ops
     return construct_mixer(cls, d_model, layer_idx, options, name)
 
@@ -262,8 +262,11 @@ class MixerZooForCausalLM(RecurrentDecoding, PreTrainedModel):
         config = copy.deepcopy(self.config)
         config.kernels = check_kernels(kernels)
         weight = self.embed.weight
-        twin = type(self)(config).to(device=weight.device, dtype=weight.dtype)
+        with torch.random.fork_rng(devices=[]):  # building initialises: leave the caller's RNG alone
+            twin = type(self)(config)
+        twin = twin.to(device=weight.device, dtype=weight.dtype)
         twin.load_state_dict(self.state_dict())
+        twin.gradient_checkpointing = self.gradient_checkpointing
         return twin.train(self.training)
 
     @property

@@ -180,8 +180,11 @@ class Trainer:
             raise ConfigError(f"vocab_size={vocab} is smaller than the tokenizer's {len(self.tokenizer)} tokens: "
                               f"token ids up to {len(self.tokenizer) - 1} would fall outside the model; "
                               "leave vocab_size unset to take the tokenizer's")
+        # a resumed run keeps the kernels it was built with (saved before the field: the fused ones)
+        kernels = None if self.resume_from is None else \
+            json.loads((self.resume_from / "config.json").read_text()).get("kernels", "fused")
         model = build_model(cfg.mixer, cfg.size, vocab_size=vocab, mixer_options=cfg.mixer_options,
-                            tie_embeddings=cfg.tie_embeddings)
+                            tie_embeddings=cfg.tie_embeddings, kernels=kernels)
         if self.resume_from is not None:
             ckpt_io.load_model_weights(self.resume_from, model)
         self.raw = prepare_model(model, cfg, self.precision, self.d.device)

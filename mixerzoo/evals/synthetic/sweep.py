@@ -50,8 +50,11 @@ def _model_identity(mixer: str) -> dict[str, Any]:
     reference initialisation came in) must not match runs of the old one."""
     from mixerzoo.registry import get_mixer_spec
 
+    from mixerzoo.ops.fused import default_kernels
+
     spec = get_mixer_spec(mixer)
-    return {"class": spec.class_path, "options": spec.options, "init": spec.init, "version": MODEL_VERSION}
+    return {"class": spec.class_path, "options": spec.options, "init": spec.init, "kernels": default_kernels(),
+            "version": MODEL_VERSION}
 
 
 # Raised when what every model is changes without the registry entries showing it.

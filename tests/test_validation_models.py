@@ -367,3 +367,18 @@ def test_a_constructor_that_needs_real_tensors_is_named_with_the_meta_device():
                 build()
     finally:
         REGISTRY.remove("tmp_needs_values")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"d_state": -4}, "d_state must be a positive integer, got -4"),
+    ({"lambda_mode": "bogus"}, "lambda_mode='bogus' is not one of"),
+    ({"lambda_input": "y"}, "lambda_input='y' is not one of"),
+    ({"head_dim": 7}, "must be divisible by head_dim=7"),
+])
+def test_a_refused_option_value_is_the_constructors_own_message(options, message):
+    from mixerzoo.registry import RegistryError
+
+    with pytest.raises(RegistryError) as e:
+        mixerzoo.build_model("loglinear_adaptive", mixer_options=options)
+    assert message in str(e.value) and "'loglinear_adaptive'" in str(e.value)
+    assert "meta device" not in str(e.value)  # the constructor refused a value; no tensor was read

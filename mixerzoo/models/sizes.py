@@ -69,6 +69,9 @@ def construct_on_meta(cls: type, d_model: int, layer_idx: int, options: dict[str
             return construct_mixer(cls, d_model, layer_idx, options, name)
     except RegistryError:
         raise
+    except ValueError as e:
+        # the constructor refused an option value: its own message, tagged with the mixer
+        raise RegistryError(f"mixer {name or cls.__name__!r} ({cls.__module__}.{cls.__name__}): {e}") from e
     except Exception as e:
         raise RegistryError(
             f"mixer {name or cls.__name__!r} ({cls.__module__}.{cls.__name__}) could not be built on the meta "

@@ -367,6 +367,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
+    """argparse's "unrecognized arguments" with the closest option of the subcommand for each."""
+    from .hints import unknown_names
+
+    sub = next((a.choices.get(getattr(args, "command", None)) for a in parser._actions
+                if isinstance(a, argparse._SubParsersAction)), None) or parser
+    known = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+    flags = [e.split("=", 1)[0] for e in extra if e.startswith("--")]
+    others = [e for e in extra if not e.startswith("--")]
+    text = unknown_names(flags, known) if flags else ""
+    if others:
+        text = ", ".join(t for t in (text, " ".join(others)) if t)
+    sub.error(f"unrecognized arguments: {text}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["eval"]:
@@ -374,7 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         from .evals.lm_eval import main as eval_main
 
         return eval_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _refuse_unknown(parser, args, extra)
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError, ImportError) as e:

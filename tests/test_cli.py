@@ -116,3 +116,14 @@ def test_compare_runs_writes_gaps_and_plot(tmp_path, capsys):
     assert "no " in capsys.readouterr().err and not (tmp_path / "cmp2").exists()
     assert main(["compare", str(a), "--out", str(a / "metrics.jsonl")]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_a_misspelt_flag_gets_the_closest_one(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--seq-length", "32", "--data", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "mixerzoo train: error: unrecognized arguments: '--seq-length' (did you mean '--seq-len'?), 32" in err
+    with pytest.raises(SystemExit):
+        main(["params", "--size", "125m", "--jsn", "x"])
+    assert "(did you mean '--json'?)" in capsys.readouterr().err

@@ -103,22 +103,16 @@ def _spec_from_entry(name: str, entry: Any, source: str) -> MixerSpec:
         summary=str(entry.get("summary", "")),
         reference=str(entry.get("reference", "")),
         source=source,
-        init=_init_rule(entry.get("init"), f"{source}: entry {name!r}"),
+        init=check_init_rule(entry.get("init"), f"{source}: entry {name!r}"),
     )
 
 
 def check_init_rule(value: Any, where: str) -> str | None:
-    """A registry entry's ``init``: None (the constructor's init stands) or one of INIT_RULES."""
+    """An ``init`` rule as an entry or a saved layer names it: None (the constructor's init
+    stands) or one of INIT_RULES."""
     if value is not None and value not in INIT_RULES:
-        raise ValueError(f"{where}: init rule must be one of {list(INIT_RULES)} or None, got {value!r}")
+        raise RegistryError(f"{where}: init rule must be one of {list(INIT_RULES)} or None, got {value!r}")
     return value
-
-
-def _init_rule(value: Any, where: str) -> str | None:
-    try:
-        return check_init_rule(value, where)
-    except ValueError as e:
-        raise RegistryError(str(e)) from None
 
 
 def read_registry_file(path: str | os.PathLike) -> list[MixerSpec]:
@@ -315,7 +309,7 @@ def register_mixer(
         raise RegistryError(f"register_mixer({name!r}): {cls.__qualname__} is not a torch.nn.Module subclass; "
                             f"a mixer is an nn.Module mapping [B, T, d_model] to [B, T, d_model]")
     spec = MixerSpec(name, cls, dict(options), summary, reference, source="register_mixer",
-                     init=_init_rule(init, f"register_mixer({name!r})"))
+                     init=check_init_rule(init, f"register_mixer({name!r})"))
     REGISTRY.add(spec, overwrite=overwrite)
     return spec
 

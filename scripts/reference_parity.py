@@ -6,7 +6,7 @@
 For every pair (zoo mixer, reference LM of mixerzoo.evals.references) and learning rate, both
 models are trained from their own initialisation (the zoo's reference init against the
 reference's own code) in one process: the same token batches in the same order, AdamW with
-weight decay on matrices only (the same rule on both sides), linear warmup then cosine, bf16
+weight decay on matrices only (the same rule on both sides), the LM trainer's warmup + cosine and bf16
 autocast over fp32 weights, the same loss function on the logits. Held-out loss (nats per
 token) on a fixed set of validation windows is taken every ``--val-every`` steps and at the
 end. Where a reference builds its MLP at another width (mamba-ssm, fla's log-linear LM), the
@@ -36,11 +36,22 @@ import torch
 import torch.nn.functional as F
 
 from mixerzoo import build_model
-from mixerzoo.evals.references import REFERENCES, reference_logits, reference_mlp_hidden, reference_model
-from mixerzoo.files import write_csv_atomic, write_json_atomic, write_text_atomic
-from mixerzoo.models.build import build_config, weight_decay_groups
 from mixerzoo.data import PackedSequences, tokenize_corpus
 from mixerzoo.data.tokenizers import load_tokenizer, tokenizer_fingerprint
+from mixerzoo.evals.references import (
+    REFERENCES,
+    reference_logits,
+    reference_mlp_hidden,
+    reference_model,
+)
+from mixerzoo.files import write_csv_atomic, write_json_atomic, write_text_atomic
+from mixerzoo.models.build import build_config, weight_decay_groups
+from mixerzoo.train.trainer import (
+    autocast,
+    lr_factor,
+    optimizer_step,
+    resolve_precision,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,14 +91,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def lr_at(step: int, args) -> float:
-    """Linear warmup to 1, then cosine to 0.1 (a factor on the peak learning rate)."""
-    if step < args.warmup_steps:
-        return (step + 1) / args.warmup_steps
-    progress = min(1.0, (step - args.warmup_steps) / max(args.steps - args.warmup_steps, 1))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def next_token_loss(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
 
@@ -110,7 +113,7 @@ def held_out(model, forward, val: PackedSequences, args, device) -> float:
     for start in range(0, args.val_windows, args.batch_size):
         count = min(args.batch_size, args.val_windows - start)
         x = val.batch(start, count).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(resolve_precision("auto", device), device):
             total += next_token_loss(forward(model, x), x).item() * count
         n += count
     model.train()
@@ -120,7 +123,9 @@ def held_out(model, forward, val: PackedSequences, args, device) -> float:
 def train_one(model, forward, train: PackedSequences, val, args, lr: float, device) -> dict:
     model.to(device).train()
     opt = torch.optim.AdamW(weight_decay_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, args))
+    # the LM trainer's schedule (its steps count from 1), floor 0.1 of the peak
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s + 1, args.warmup_steps, args.steps, min_lr_ratio=0.1))
     losses, vals = [], []
     seen = hashlib.sha256()  # of every batch, in order: both sides of a pair must see the same
     t0 = time.time()
@@ -128,14 +133,11 @@ def train_one(model, forward, train: PackedSequences, val, args, lr: float, devi
         x = train.batch(step * args.batch_size, args.batch_size)
         seen.update(x.numpy().tobytes())
         x = x.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(resolve_precision("auto", device), device):
             loss = next_token_loss(forward(model, x), x)
         loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
+        optimizer_step(model.parameters(), opt, args.grad_clip)
         sched.step()
-        opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             break

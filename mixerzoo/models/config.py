@@ -7,7 +7,8 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from ..ops.fused import check_kernels
-from .init import check_init, check_rule
+from ..registry import check_init_rule
+from .init import check_init
 
 
 class CheckpointError(RuntimeError):
@@ -49,7 +50,7 @@ def check_layers(layers: Any, where: str = "") -> None:
                 raise ValueError(f"{prefix}layers[{i}] needs a non-empty string {key!r}, got {layer.get(key)!r}")
         if not isinstance(layer.get("options", {}) or {}, dict):
             raise ValueError(f"{prefix}layers[{i}]['options'] must be a mapping, got {layer['options']!r}")
-        check_rule(layer.get("init"), f"{prefix}layers[{i}]")
+        check_init_rule(layer.get("init"), f"{prefix}layers[{i}]")
 
 
 class MixerZooConfig(PretrainedConfig):

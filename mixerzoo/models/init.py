@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..registry import INIT_RULES, check_init_rule
+from ..registry import INIT_RULES
 
 INIT_CHOICES = ("reference",) + INIT_RULES
 
@@ -53,7 +53,6 @@ def check_init(value: object, where: str = "init") -> str:
     return value  # type: ignore[return-value]
 
 
-check_rule = check_init_rule  # a layer's rule: None (the constructor's init stands) or a rule
 
 
 def layer_rules(config) -> list[str | None]:

@@ -29,13 +29,18 @@ class TrainingError(RuntimeError):
     """Training cannot go on as configured; the message says what to change."""
 
 
+def lr_factor(step: int, warmup_steps: int, steps: int, min_lr_ratio: float) -> float:
+    """The schedule as a factor on the peak rate at 1-based ``step``: linear warmup to 1 over
+    ``warmup_steps``, then cosine to ``min_lr_ratio`` at ``steps``."""
+    if step <= warmup_steps:
+        return step / max(warmup_steps, 1)
+    progress = min(1.0, (step - warmup_steps) / max(steps - warmup_steps, 1))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to ``lr`` over ``warmup_steps``, then cosine to ``lr · min_lr_ratio``."""
-    if step <= cfg.warmup_steps:
-        return cfg.lr * step / max(cfg.warmup_steps, 1)
-    progress = min(1.0, (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1))
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
